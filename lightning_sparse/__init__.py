@@ -1,0 +1,1 @@
+"""lightning_sparse: sparse training for PyTorch Lightning."""

@@ -1,0 +1,259 @@
+"""``SparsityCallback``: the base of every mask callback.
+
+It owns *when* things happen; subclasses say *which* mask to keep (:meth:`compute_masks`) and, optionally,
+*when* to recompute it (:meth:`should_update`). Per optimizer step, in Lightning's order:
+
+1. ``on_before_optimizer_step`` (gradients accumulated and unscaled): :meth:`on_gradients`, then the
+   gradients of masked-out weights are zeroed;
+2. the optimizer steps;
+3. ``on_train_batch_end``: masked-out weights are re-zeroed; when :meth:`should_update` says so, new masks
+   are computed, the optimizer state (momentum, Adam moments) of every position whose mask changed is
+   cleared, and the weights are masked.
+
+Steps are optimizer steps (``trainer.global_step``). Masks, counters and the random generator live in
+:meth:`state_dict`, so a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_debug
+from torch import Tensor
+
+from lightning_sparse.callbacks.scheduler import SparsityScheduler, find_scheduler
+from lightning_sparse.core.density import allocate_densities, check_density, check_distribution
+from lightning_sparse.core.patterns import NM, parse_pattern
+from lightning_sparse.core.targets import select_targets
+from lightning_sparse.masking import MaskState
+
+
+def _check_int(argument: str, value: int, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{argument} must be an int, got {type(value).__name__}: {value!r}")
+    if value < minimum:
+        raise ValueError(f"{argument} must be >= {minimum}, got {value}")
+    return value
+
+
+def _globs(argument: str, globs: Sequence[str] | None) -> list[str] | None:
+    if globs is None:
+        return None
+    if isinstance(globs, str) or not all(isinstance(g, str) for g in globs):
+        raise TypeError(f"{argument} must be a list of glob strings, got {globs!r}")
+    return list(globs)
+
+
+class SparsityCallback(Callback):
+    """Base class of the mask callbacks; see the module docstring for the order of events.
+
+    Args:
+        density: fraction of weights kept, in (0, 1]; the final one when a :class:`SparsityScheduler` drives it
+            (leave it ``None`` then, or give the same number).
+        pattern: ``"unstructured"``, ``"RxC"`` blocks (densities count blocks) or ``"N:M"`` (density ``N/M``).
+        distribution: ``"uniform"``, ``"er"``, ``"erk"`` or ``"global"`` (one top-k over all targets).
+        include: glob patterns of parameter names to sparsify; default: Linear, Conv and attention weights.
+        exclude: glob patterns of parameter names to leave dense.
+        skip_first: leave the first target dense.
+        skip_last: leave the last target dense.
+        update_every: optimizer steps between mask updates.
+        seed: seed of the callback's own ``torch.Generator`` (identical on every rank).
+
+    Raises:
+        ValueError: for a density outside (0, 1], an unknown pattern or distribution, ``update_every < 1``, or a
+            distribution other than ``"uniform"`` or a density other than ``N/M`` with an N:M pattern.
+        TypeError: for arguments of the wrong type.
+    """
+
+    def __init__(
+        self,
+        density: float | None = None,
+        pattern: str = "unstructured",
+        distribution: str = "uniform",
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        skip_first: bool = False,
+        skip_last: bool = False,
+        update_every: int = 100,
+        seed: int = 0,
+    ) -> None:
+        self.density = None if density is None else check_density(density)
+        self.pattern = parse_pattern(pattern)
+        self.distribution = check_distribution(distribution)
+        self._check_nm(self.density)
+        self.include = _globs("include", include)
+        self.exclude = _globs("exclude", exclude)
+        self.skip_first, self.skip_last = bool(skip_first), bool(skip_last)
+        self.update_every = _check_int("update_every", update_every, 1)
+        self.seed = _check_int("seed", seed, 0)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.masks: MaskState | None = None
+        self.layer_overrides: dict[str, float] = {}
+        self.last_update_step = -1
+        self._scheduler: SparsityScheduler | None = None
+        self._seen_step = -1
+        self._pending: dict[str, Any] | None = None
+
+    def _check_nm(self, density: float | None) -> None:
+        if not isinstance(self.pattern, NM):
+            return
+        if self.distribution != "uniform":
+            raise ValueError(f"pattern {self.pattern} needs distribution='uniform', got {self.distribution!r}")
+        if density is not None and abs(density - self.pattern.density) > 1e-9:
+            raise ValueError(f"pattern {self.pattern} keeps density {self.pattern.density}, got density={density}")
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            density=self.density, pattern=str(self.pattern), include=self.include, exclude=self.exclude
+        )
+
+    # ----------------------------------------------------------------------------------------- overridables
+    def compute_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, Tensor]:
+        """New boolean masks for every target at optimizer step ``step``."""
+        raise NotImplementedError
+
+    def should_update(self, step: int) -> bool:
+        """Whether to recompute the masks after optimizer step ``step`` (``0``: at fit start)."""
+        return step % self.update_every == 0
+
+    def on_gradients(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        """Called with the accumulated, unscaled, *unmasked* gradients before they are masked."""
+
+    def on_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        """Called at fit start and after every optimizer step, before a mask update."""
+
+    def extra_state_dict(self) -> dict[str, Any]:
+        """Algorithm state to checkpoint besides masks, counters and the generator."""
+        return {}
+
+    def load_extra_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state_dict` saved."""
+
+    # ----------------------------------------------------------------------------------------- numbers
+    @property
+    def final_density(self) -> float:
+        """The density the run ends at (the scheduler's when one drives this callback)."""
+        if self._scheduler is not None:
+            return self._scheduler.final_density
+        if self.density is None:
+            return self.pattern.density if isinstance(self.pattern, NM) else 1.0
+        return self.density
+
+    def target_density(self, step: int) -> float:
+        """Overall target density at ``step``."""
+        return self._scheduler.density(step) if self._scheduler is not None else self.final_density
+
+    def layer_densities(self, step: int) -> dict[str, float]:
+        """Target density of each target at ``step`` (overrides follow the same schedule)."""
+        target, final = self.target_density(step), self.final_density
+        fixed = {
+            name: d if final >= 1.0 else 1.0 - (1.0 - d) * (1.0 - target) / (1.0 - final)
+            for name, d in self.layer_overrides.items()
+        }
+        shapes = {name: tuple(p.shape) for name, p in self.masks.params.items()}
+        return allocate_densities(shapes, target, self.distribution, fixed=fixed)
+
+    # ----------------------------------------------------------------------------------------- setup
+    def _resolve_targets(self, pl_module: pl.LightningModule) -> list[str]:
+        declared = pl_module.sparse_targets() if hasattr(pl_module, "sparse_targets") else None
+        include = self.include
+        self.layer_overrides = {}
+        if declared is not None:
+            if include is not None:
+                raise ValueError(
+                    f"{type(self).__name__}(include={include}) conflicts with {type(pl_module).__name__}.sparse_targets();"
+                    " declare the targets in one place"
+                )
+            include = list(declared)
+            densities = {glob: d for glob, d in declared.items() if d is not None} if isinstance(declared, dict) else {}
+            targets = select_targets(pl_module, include, self.exclude, self.skip_first, self.skip_last)
+            for glob, d in densities.items():
+                check_density(d, f"sparse_targets()[{glob!r}]")
+                self.layer_overrides.update({n: d for n in select_targets(pl_module, [glob]) if n in targets})
+            return targets
+        return select_targets(pl_module, include, self.exclude, self.skip_first, self.skip_last)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        scheduler = next((cb for cb in trainer.callbacks if isinstance(cb, SparsityScheduler)), None)
+        if scheduler is None and self.density is None and not isinstance(self.pattern, NM):
+            raise ValueError(f"{type(self).__name__} needs density=... or a SparsityScheduler in the Trainer callbacks")
+        if scheduler is not None:
+            self._check_nm(scheduler.final_density)
+            if self.density is not None and abs(self.density - scheduler.final_density) > 1e-12:
+                raise ValueError(
+                    f"{type(self).__name__}(density={self.density}) differs from SparsityScheduler(density="
+                    f"{scheduler.final_density}); give the final density in one place"
+                )
+        targets = self._resolve_targets(pl_module)
+        params = dict(pl_module.named_parameters())
+        for name in targets:
+            self.pattern.check(name, tuple(params[name].shape))
+        self.masks = MaskState({name: params[name] for name in targets}, self.pattern)
+
+    # ----------------------------------------------------------------------------------------- hooks
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._scheduler = find_scheduler(trainer)
+        if self._pending is not None:
+            self._restore(self._pending)
+            self._pending = None
+        step = trainer.global_step
+        self._seen_step = step
+        self._after_step(trainer, pl_module, step)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self.on_gradients(trainer, pl_module, optimizer)
+        self.masks.mask_grads()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step == self._seen_step:  # no optimizer step in this batch (gradient accumulation)
+            return
+        self._seen_step = step
+        self._after_step(trainer, pl_module, step)
+
+    def _after_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        self.masks.apply_to_weights()
+        self.on_step(trainer, pl_module, step)
+        if step != self.last_update_step and self.should_update(step):
+            self.update_masks(trainer, pl_module, step)
+
+    def update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, Tensor]:
+        """Compute and apply new masks now; returns the changed positions per target."""
+        changed = self.masks.set_masks(self.compute_masks(trainer, pl_module, step))
+        self.masks.clear_optimizer_state(trainer.optimizers, changed)
+        self.masks.apply_to_weights()
+        self.last_update_step = step
+        rank_zero_debug(f"{type(self).__name__}: masks updated at step {step}, density {self.masks.global_density():.4f}")
+        return changed
+
+    # ----------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        if self.masks is None:
+            return {}
+        return {
+            "masks": self.masks.state_dict(),
+            "last_update_step": self.last_update_step,
+            "generator": self.generator.get_state(),
+            **self.extra_state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.masks is not None:
+            self.masks.check_state_dict(state_dict["masks"])
+        self._pending = dict(state_dict)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        self.masks.load_state_dict(state.pop("masks"))
+        self.last_update_step = int(state.pop("last_update_step"))
+        self.generator.set_state(state.pop("generator"))
+        self.load_extra_state_dict(state)

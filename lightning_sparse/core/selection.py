@@ -1,0 +1,56 @@
+"""Masks for a set of layers at given densities: per layer, or one global top-k over all of them.
+
+Example::
+
+    >>> import torch
+    >>> from lightning_sparse.core.patterns import Unstructured
+    >>> scores = {"a": torch.tensor([4.0, 3.0]), "b": torch.tensor([2.0, 1.0])}
+    >>> masks = select_masks(scores, {"a": 0.5, "b": 0.5}, Unstructured(), global_density=0.5)
+    >>> {name: mask.tolist() for name, mask in masks.items()}
+    {'a': [True, True], 'b': [False, False]}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from lightning_sparse.core.masks import topk_mask
+from lightning_sparse.core.patterns import NM, Pattern
+
+
+def select_masks(
+    scores: Mapping[str, Tensor],
+    densities: Mapping[str, float],
+    pattern: Pattern,
+    global_density: float | None = None,
+    fixed: frozenset[str] | set[str] = frozenset(),
+) -> dict[str, Tensor]:
+    """Boolean masks keeping the top scores of each layer.
+
+    Args:
+        scores: layer name -> score tensor of the weight's shape.
+        densities: layer name -> density (used for every layer when ``global_density`` is None, and for
+            the ``fixed`` layers otherwise).
+        pattern: the grouping; densities count groups (blocks) or elements per group (N:M).
+        global_density: when set, the non-fixed layers share one budget of
+            ``round(global_density * total_groups)`` groups, chosen by one top-k over all their groups.
+        fixed: layers that keep their own density even under a global budget.
+
+    Raises:
+        ValueError: when a global budget is asked for an N:M pattern.
+    """
+    per_layer = [name for name in scores if global_density is None or name in fixed]
+    masks = {name: pattern.topk_mask(scores[name], densities[name]) for name in per_layer}
+    pooled = [name for name in scores if name not in masks]
+    if pooled:
+        if isinstance(pattern, NM):
+            raise ValueError(f"distribution 'global' cannot be used with the N:M pattern {pattern}; use 'uniform'")
+        groups = [pattern.group_scores(scores[name]).float() for name in pooled]
+        total = sum(group.numel() for group in groups)
+        flat_mask = topk_mask(torch.cat([group.to(groups[0].device) for group in groups]), round(global_density * total))
+        for name, chunk in zip(pooled, torch.split(flat_mask, [g.numel() for g in groups]), strict=True):
+            masks[name] = pattern.expand(chunk.to(scores[name].device), scores[name].shape)
+    return {name: masks[name] for name in scores}

@@ -1,0 +1,117 @@
+"""``MaskState``: the boolean masks of a set of parameters, and what they do to weights, gradients and optimizers.
+
+Masks are keyed by parameter name (FQN). Parameters are never renamed or re-parametrised: a masked weight is
+physically zero, its gradient is masked before the optimizer step and the weight is re-zeroed after it.
+
+Example::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> layer = nn.Linear(4, 2)
+    >>> state = MaskState({"weight": layer.weight})
+    >>> changed = state.set_masks({"weight": torch.tensor([[True, False] * 2] * 2)})
+    >>> state.apply_to_weights()
+    >>> int((layer.weight != 0).sum()), state.density("weight")
+    (4, 0.5)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from lightning_sparse.core.patterns import Pattern, Unstructured
+
+
+class MaskState:
+    """Masks of named parameters, all ones at first.
+
+    Args:
+        params: parameter name -> parameter.
+        pattern: the grouping used to store masks compactly in :meth:`state_dict` (blocks as block masks).
+    """
+
+    def __init__(self, params: Mapping[str, nn.Parameter], pattern: Pattern | None = None) -> None:
+        self.params = dict(params)
+        self.pattern = pattern or Unstructured()
+        self.masks = {name: torch.ones_like(p, dtype=torch.bool) for name, p in self.params.items()}
+        self._multipliers: dict[str, Tensor] = {}
+
+    def set_masks(self, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Replace masks; returns, per parameter, the positions whose state changed (new XOR old)."""
+        changed = {}
+        for name, mask in masks.items():
+            mask = mask.to(device=self.params[name].device, dtype=torch.bool)
+            changed[name] = mask ^ self.masks[name]
+            self.masks[name] = mask
+            if mask.all():
+                self._multipliers.pop(name, None)
+            else:
+                self._multipliers[name] = mask.to(self.params[name].dtype)
+        return changed
+
+    def _masked(self) -> tuple[list[Tensor], list[Tensor]]:
+        names = list(self._multipliers)
+        return [self.params[n] for n in names], [self._multipliers[n] for n in names]
+
+    @torch.no_grad()
+    def apply_to_weights(self) -> None:
+        """Zero every masked-out weight (one fused multiply over all parameters)."""
+        params, multipliers = self._masked()
+        if params:
+            torch._foreach_mul_([p.data for p in params], multipliers)
+
+    @torch.no_grad()
+    def mask_grads(self) -> None:
+        """Zero the gradients of masked-out weights (parameters without a gradient are skipped)."""
+        pairs = [(p.grad, m) for p, m in zip(*self._masked(), strict=True) if p.grad is not None]
+        if pairs:
+            grads, multipliers = zip(*pairs, strict=True)
+            torch._foreach_mul_(list(grads), list(multipliers))
+
+    @torch.no_grad()
+    def clear_optimizer_state(self, optimizers: Iterable[torch.optim.Optimizer], positions: Mapping[str, Tensor]) -> None:
+        """Zero every per-element optimizer state (momentum, Adam moments, ...) at ``positions`` (bool masks)."""
+        for optimizer in optimizers:
+            for name, where in positions.items():
+                state = optimizer.state.get(self.params[name])
+                for value in (state or {}).values():
+                    if isinstance(value, Tensor) and value.shape == where.shape:
+                        value.masked_fill_(where.to(value.device), 0)
+
+    def density(self, name: str) -> float:
+        """Fraction of ``name``'s mask that is kept."""
+        mask = self.masks[name]
+        return float(mask.sum()) / mask.numel()
+
+    def global_density(self) -> float:
+        """Fraction kept over all masked parameters together."""
+        kept = sum(int(m.sum()) for m in self.masks.values())
+        return kept / sum(m.numel() for m in self.masks.values())
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Masks as bool tensors on the CPU; block patterns store one bit per block."""
+        return {name: self.pattern.compress(mask).cpu().clone() for name, mask in self.masks.items()}
+
+    def check_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Raise ``ValueError`` unless ``state`` holds one mask of the right size for every parameter."""
+        if set(state) != set(self.params):
+            raise ValueError(
+                f"the checkpoint's masks do not match the model: checkpoint has {sorted(state)}, "
+                f"the callback targets {sorted(self.params)}"
+            )
+        for name, stored in state.items():
+            expected = self.pattern.num_groups(tuple(self.params[name].shape))
+            if stored.numel() != expected:
+                raise ValueError(
+                    f"the checkpoint's mask for {name} has {stored.numel()} entries but the model's {name} of shape "
+                    f"{tuple(self.params[name].shape)} needs {expected} under pattern {self.pattern}"
+                )
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Restore masks saved by :meth:`state_dict` (does not touch the weights)."""
+        self.check_state_dict(state)
+        shapes = {name: tuple(p.shape) for name, p in self.params.items()}
+        self.set_masks({name: self.pattern.expand(stored, shapes[name]) for name, stored in state.items()})
