@@ -103,10 +103,10 @@ class MaskState:
                 f"the callback targets {sorted(self.params)}"
             )
         for name, stored in state.items():
-            expected = self.pattern.num_groups(tuple(self.params[name].shape))
-            if stored.numel() != expected:
+            expected = tuple(self.pattern.compress(self.masks[name]).shape)
+            if tuple(stored.shape) != expected:
                 raise ValueError(
-                    f"the checkpoint's mask for {name} has {stored.numel()} entries but the model's {name} of shape "
+                    f"the checkpoint's mask for {name} has shape {tuple(stored.shape)} but the model's {name} of shape "
                     f"{tuple(self.params[name].shape)} needs {expected} under pattern {self.pattern}"
                 )
 

@@ -118,14 +118,14 @@ class SparsityCallback(Callback):
         raise NotImplementedError
 
     def should_update(self, step: int) -> bool:
-        """Whether to recompute the masks after optimizer step ``step`` (``0``: at fit start)."""
+        """Whether to recompute the masks after optimizer step ``step`` (``0``: at train start)."""
         return step % self.update_every == 0
 
     def on_gradients(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         """Called with the accumulated, unscaled, *unmasked* gradients before they are masked."""
 
     def on_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        """Called at fit start and after every optimizer step, before a mask update."""
+        """Called at train start and after every optimizer step, before a mask update."""
 
     def extra_state_dict(self) -> dict[str, Any]:
         """Algorithm state to checkpoint besides masks, counters and the generator."""
@@ -198,7 +198,8 @@ class SparsityCallback(Callback):
         self.masks = MaskState({name: params[name] for name in targets}, self.pattern)
 
     # ----------------------------------------------------------------------------------------- hooks
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # not on_fit_start: Lightning restores the loops (global_step) and optimizers after on_fit_start
         self._scheduler = find_scheduler(trainer)
         if self._pending is not None:
             self._restore(self._pending)

@@ -85,7 +85,7 @@ class SparsityScheduler(Callback):
 
     def _value(self, key: str, step: int) -> float | None:
         if self._resolved is None:
-            raise RuntimeError("SparsityScheduler is not resolved yet: it resolves at fit start")
+            raise RuntimeError("SparsityScheduler is not resolved yet: it resolves at train start")
         schedule = self._resolved[key]
         return None if schedule is None else schedule(step)
 
@@ -104,11 +104,11 @@ class SparsityScheduler(Callback):
     def window(self) -> tuple[int, int]:
         """The density ramp's ``(start, end)`` in optimizer steps."""
         if self._resolved is None:
-            raise RuntimeError("SparsityScheduler is not resolved yet: it resolves at fit start")
+            raise RuntimeError("SparsityScheduler is not resolved yet: it resolves at train start")
         schedule = self._resolved["density"]
         return int(schedule.start), int(schedule.end)
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.resolve(trainer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:

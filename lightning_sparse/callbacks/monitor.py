@@ -1,0 +1,67 @@
+"""``SparsityMonitor``: logs actual and target density per layer through ``LightningModule.log``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from lightning_sparse.callbacks.base import SparsityCallback, _check_int
+from lightning_sparse.core.targets import default_targets
+from lightning_sparse.report import SparsityReport, sparsity_report
+
+
+class SparsityMonitor(Callback):
+    """Log ``sparsity/density`` (global, in the progress bar) and, per target, ``sparsity/density/<name>`` and
+    ``sparsity/target/<name>``; print a per-layer table when fit ends.
+
+    Works with any logger (CSVLogger, TensorBoardLogger, ...). Targets come from the trainer's sparsity
+    callbacks, or the default targets when there is none.
+
+    Args:
+        log_every_n_steps: optimizer steps between logs; default: the Trainer's ``log_every_n_steps``.
+        per_layer: also log each layer (global density only when False).
+
+    Raises:
+        ValueError: when ``log_every_n_steps < 1``.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from lightning_sparse.callbacks import MagnitudePruning, SparsityMonitor
+
+        trainer = Trainer(callbacks=[MagnitudePruning(density=0.2), SparsityMonitor()])
+    """
+
+    def __init__(self, log_every_n_steps: int | None = None, per_layer: bool = True) -> None:
+        self.log_every_n_steps = None if log_every_n_steps is None else _check_int("log_every_n_steps",
+                                                                                   log_every_n_steps, 1)
+        self.per_layer = per_layer
+        self.last_report: SparsityReport | None = None
+
+    def report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> SparsityReport:
+        """The current per-layer report (targets from the sparsity callbacks)."""
+        names, targets = [], {}
+        for callback in trainer.callbacks:
+            if isinstance(callback, SparsityCallback) and callback.masks is not None:
+                names += [n for n in callback.masks.params if n not in names]
+                targets.update(callback.layer_densities(trainer.global_step))
+        return sparsity_report(pl_module, names or default_targets(pl_module), targets)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        if trainer.global_step % every:
+            return
+        report = self.report(trainer, pl_module)
+        pl_module.log("sparsity/density", report.global_density, prog_bar=True, on_step=True, on_epoch=False)
+        if self.per_layer:
+            for row in report.rows:
+                pl_module.log(f"sparsity/density/{row['name']}", row["density"], on_step=True, on_epoch=False)
+                if row["target"] is not None:
+                    pl_module.log(f"sparsity/target/{row['name']}", row["target"], on_step=True, on_epoch=False)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.last_report = self.report(trainer, pl_module)
+        rank_zero_info(f"Sparsity at the end of fit (step {trainer.global_step}):\n{self.last_report}")

@@ -1,0 +1,189 @@
+"""The harness every sparsity algorithm must pass.
+
+For an :class:`AlgorithmCase` (a factory of fresh callbacks plus the expectations), it checks:
+
+* exact density: every target keeps exactly the budget its pattern and density imply;
+* strict loading: the checkpoint's model ``state_dict`` loads with ``strict=True`` into a plain model that never
+  saw this library, and that model's outputs equal the trained model's;
+* exact resume: stopping after epoch 1 and resuming to epoch 2 gives masks and weights bit-identical to the
+  uninterrupted 2-epoch run (CPU);
+* DDP: masks and weights identical on 2 CPU ranks (``ddp_fork``, gloo);
+* pickling, and parsing the callback from a YAML config.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import yaml
+from jsonargparse import ArgumentParser
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+
+from lightning_sparse.callbacks.base import SparsityCallback
+from lightning_sparse.core.patterns import NM, Blocks
+
+BATCHES_PER_EPOCH = 4
+EPOCHS = 2
+
+
+class HarnessNet(pl.LightningModule):
+    """Conv1d + 3 Linear layers; every weight's matrix view is divisible by 4x4 blocks and by 2:4."""
+
+    def __init__(self, lr: float = 1e-2) -> None:
+        super().__init__()
+        self.lr = lr
+        self.conv = nn.Conv1d(4, 8, kernel_size=2)
+        self.body = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU())
+        self.head = nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(torch.relu(self.conv(x)).flatten(1)))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def plain_model() -> nn.Module:
+    """A ``HarnessNet`` built from the same seed every time."""
+    torch.manual_seed(0)
+    return HarnessNet()
+
+
+def harness_data() -> torch.utils.data.DataLoader:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(16 * BATCHES_PER_EPOCH, 4, 9, generator=generator)
+    y = torch.randint(0, 8, (16 * BATCHES_PER_EPOCH,), generator=generator)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=False)
+
+
+@dataclass
+class AlgorithmCase:
+    """One configuration of an algorithm under test.
+
+    Args:
+        name: test id.
+        make_callbacks: returns fresh callbacks (the sparsity callback and, e.g., its scheduler).
+        yaml_config: ``[{"class_path": ..., "init_args": {...}}, ...]`` equivalent to ``make_callbacks``.
+    """
+
+    name: str
+    make_callbacks: Callable[[], list[Callback]]
+    yaml_config: list[dict] = field(default_factory=list)
+
+
+def sparsity_callback(callbacks: list[Callback]) -> SparsityCallback:
+    return next(cb for cb in callbacks if isinstance(cb, SparsityCallback))
+
+
+def fit(case: AlgorithmCase, root: Path, ckpt_path: str | None = None, **trainer_kwargs: Any):
+    model, callbacks = plain_model(), case.make_callbacks()
+    checkpoint = ModelCheckpoint(dirpath=root, every_n_epochs=1, save_top_k=-1, filename="{epoch}")
+    trainer = pl.Trainer(
+        max_epochs=EPOCHS, callbacks=[*callbacks, checkpoint], accelerator="cpu", logger=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root, deterministic=True,
+        **trainer_kwargs,
+    )
+    trainer.fit(model, harness_data(), ckpt_path=ckpt_path)
+    return model, sparsity_callback(callbacks)
+
+
+def expected_kept(callback: SparsityCallback, name: str, density: float) -> int:
+    shape = tuple(callback.masks.params[name].shape)
+    pattern, groups = callback.pattern, callback.pattern.num_groups(shape)
+    if isinstance(pattern, NM):
+        return groups * pattern.keep_per_group(density)
+    if isinstance(pattern, Blocks):
+        return round(density * groups) * pattern.rows * pattern.cols
+    return round(density * groups)
+
+
+def check_exact_density(model: nn.Module, callback: SparsityCallback, step: int) -> None:
+    densities = callback.layer_densities(step)
+    params = dict(model.named_parameters())
+    for name, mask in callback.masks.masks.items():
+        kept = int(mask.sum())
+        if callback.distribution != "global":
+            assert kept == expected_kept(callback, name, densities[name]), f"{name}: kept {kept}, density {densities}"
+        assert not (params[name].detach()[~mask] != 0).any(), f"{name} has non-zero weights outside its mask"
+    if callback.distribution == "global":
+        total = sum(m.numel() for m in callback.masks.masks.values())
+        kept = sum(int(m.sum()) for m in callback.masks.masks.values())
+        group = callback.pattern.rows * callback.pattern.cols if isinstance(callback.pattern, Blocks) else 1
+        assert kept == round(callback.target_density(step) * total / group) * group
+
+
+def check_strict_checkpoint(model: nn.Module, checkpoint: Path) -> None:
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    plain = plain_model()
+    plain.load_state_dict(state, strict=True)
+    x = next(iter(harness_data()))[0]
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def check_fit_and_resume(case: AlgorithmCase, root: Path) -> None:
+    """Exact density, strict-loading checkpoint and bit-exact resume."""
+    model, callback = fit(case, root / "full")
+    check_exact_density(model, callback, EPOCHS * BATCHES_PER_EPOCH)
+    check_strict_checkpoint(model, root / "full" / f"epoch={EPOCHS - 1}.ckpt")
+    resumed, resumed_callback = fit(case, root / "resumed", ckpt_path=str(root / "full" / "epoch=0.ckpt"))
+    for name, mask in callback.masks.masks.items():
+        assert torch.equal(mask, resumed_callback.masks.masks[name]), f"mask of {name} differs after resume"
+    for (name, p), (_, q) in zip(model.named_parameters(), resumed.named_parameters(), strict=True):
+        assert torch.equal(p, q), f"{name} differs after resume: max diff {(p - q).abs().max()}"
+
+
+class _DumpMasks(Callback):
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        callback = sparsity_callback(trainer.callbacks)
+        state = {"masks": callback.masks.masks, "weights": pl_module.state_dict()}
+        torch.save(state, self.root / f"rank{trainer.global_rank}.pt")
+
+
+def check_ddp(case: AlgorithmCase, root: Path) -> None:
+    """Masks and weights identical on 2 CPU ranks."""
+    model, callbacks = plain_model(), [*case.make_callbacks(), _DumpMasks(root)]
+    trainer = pl.Trainer(
+        max_epochs=EPOCHS, callbacks=callbacks, accelerator="cpu", devices=2, strategy="ddp_fork", logger=False,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, default_root_dir=root,
+    )
+    trainer.fit(model, harness_data())
+    ranks = [torch.load(root / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["masks"], "no masks were recorded"
+    for name, mask in ranks[0]["masks"].items():
+        assert torch.equal(mask, ranks[1]["masks"][name]), f"mask of {name} differs between ranks"
+        assert not mask.all(), f"{name} was never pruned under DDP"
+    for name, weight in ranks[0]["weights"].items():
+        assert torch.equal(weight, ranks[1]["weights"][name]), f"{name} differs between ranks"
+
+
+def check_pickle(case: AlgorithmCase) -> None:
+    for callback in case.make_callbacks():
+        clone = pickle.loads(pickle.dumps(callback))
+        assert type(clone) is type(callback) and clone.state_key == callback.state_key
+
+
+def check_yaml(case: AlgorithmCase) -> None:
+    """The YAML config builds callbacks equal (type and state key) to ``make_callbacks``."""
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--callbacks", type=list[Callback])
+    config = parser.parse_string(yaml.safe_dump({"callbacks": case.yaml_config}))
+    built = parser.instantiate_classes(config).callbacks
+    expected = case.make_callbacks()
+    assert [type(cb) for cb in built] == [type(cb) for cb in expected]
+    assert [getattr(cb, "state_key", None) for cb in built] == [getattr(cb, "state_key", None) for cb in expected]
