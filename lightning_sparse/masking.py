@@ -72,7 +72,9 @@ class MaskState:
             torch._foreach_mul_(list(grads), list(multipliers))
 
     @torch.no_grad()
-    def clear_optimizer_state(self, optimizers: Iterable[torch.optim.Optimizer], positions: Mapping[str, Tensor]) -> None:
+    def clear_optimizer_state(
+        self, optimizers: Iterable[torch.optim.Optimizer], positions: Mapping[str, Tensor]
+    ) -> None:
         """Zero every per-element optimizer state (momentum, Adam moments, ...) at ``positions`` (bool masks)."""
         for optimizer in optimizers:
             for name, where in positions.items():

@@ -166,7 +166,8 @@ class SparsityCallback(Callback):
         if declared is not None:
             if include is not None:
                 raise ValueError(
-                    f"{type(self).__name__}(include={include}) conflicts with {type(pl_module).__name__}.sparse_targets();"
+                    f"{type(self).__name__}(include={include}) conflicts with "
+                    f"{type(pl_module).__name__}.sparse_targets();"
                     " declare the targets in one place"
                 )
             include = list(declared)
@@ -231,7 +232,7 @@ class SparsityCallback(Callback):
         self.masks.clear_optimizer_state(trainer.optimizers, changed)
         self.masks.apply_to_weights()
         self.last_update_step = step
-        rank_zero_debug(f"{type(self).__name__}: masks updated at step {step}, density {self.masks.global_density():.4f}")
+        rank_zero_debug(f"{type(self).__name__}: masks updated at step {step}")
         return changed
 
     # ----------------------------------------------------------------------------------------- state
@@ -244,6 +245,17 @@ class SparsityCallback(Callback):
             "generator": self.generator.get_state(),
             **self.extra_state_dict(),
         }
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        """Refuse a checkpoint whose state for this class was saved under other arguments (masks would be lost)."""
+        states = checkpoint.get("callbacks") or {}
+        prefix = f"{type(self).__name__}{{"
+        others = [key for key in states if isinstance(key, str) and key.startswith(prefix)]
+        if others and self.state_key not in states:
+            raise ValueError(
+                f"the checkpoint holds {type(self).__name__} state saved as {others} but this callback is "
+                f"{self.state_key}: its masks would be lost; resume with the same arguments"
+            )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:

@@ -50,7 +50,8 @@ def select_masks(
             raise ValueError(f"distribution 'global' cannot be used with the N:M pattern {pattern}; use 'uniform'")
         groups = [pattern.group_scores(scores[name]).float() for name in pooled]
         total = sum(group.numel() for group in groups)
-        flat_mask = topk_mask(torch.cat([group.to(groups[0].device) for group in groups]), round(global_density * total))
+        pooled_scores = torch.cat([group.to(groups[0].device) for group in groups])
+        flat_mask = topk_mask(pooled_scores, round(global_density * total))
         for name, chunk in zip(pooled, torch.split(flat_mask, [g.numel() for g in groups]), strict=True):
             masks[name] = pattern.expand(chunk.to(scores[name].device), scores[name].shape)
     return {name: masks[name] for name in scores}

@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from lightning_sparse.core.masks import drop_lowest, grow_highest, topk_mask
+
+
+def test_topk_exact_count_and_tie_break_by_index():
+    scores = torch.zeros(10)
+    assert topk_mask(scores, 3).tolist() == [True] * 3 + [False] * 7
+
+
+def test_topk_matches_sort_on_distinct_scores():
+    scores = torch.randn(1000)
+    mask = topk_mask(scores, 100)
+    assert mask.sum() == 100
+    assert scores[mask].min() > scores[~mask].max()
+
+
+def test_topk_rejects_bad_k_and_nan():
+    with pytest.raises(ValueError, match=r"k must be in \[0, 4\], got 5"):
+        topk_mask(torch.zeros(4), 5)
+    with pytest.raises(ValueError, match="must be finite"):
+        topk_mask(torch.tensor([1.0, float("nan")]), 1)
+
+
+def test_drop_and_grow_keep_counts():
+    mask = torch.tensor([True, True, True, False, False, False])
+    scores = torch.tensor([3.0, 1.0, 2.0, 9.0, 8.0, 7.0])
+    dropped = drop_lowest(scores, mask, 2)
+    assert dropped.tolist() == [True, False, False, False, False, False]  # inactive 9, 8, 7 never count
+    grown = grow_highest(scores, dropped, 2)
+    assert grown.tolist() == [True, False, False, True, True, False]
+
+
+def test_grow_only_among_inactive_even_when_scores_tie_at_zero():
+    mask = torch.tensor([True, False, False, False])
+    grown = grow_highest(torch.zeros(4), mask, 3)
+    assert grown.all()
+
+
+def test_drop_and_grow_reject_impossible_counts():
+    mask = torch.tensor([True, False])
+    with pytest.raises(ValueError, match="active count"):
+        drop_lowest(torch.zeros(2), mask, 2)
+    with pytest.raises(ValueError, match="inactive count"):
+        grow_highest(torch.zeros(2), mask, 2)

@@ -1,0 +1,45 @@
+import pytest
+from torch import nn
+
+from lightning_sparse.core.targets import default_targets, select_targets
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.norm = nn.LayerNorm(8)
+        self.attn = nn.MultiheadAttention(8, 2)
+        self.cross = nn.MultiheadAttention(8, 2, kdim=4, vdim=4)
+        self.head = nn.Linear(8, 2)
+
+
+def test_default_targets_cover_linear_conv_and_attention_only():
+    assert default_targets(Net()) == [
+        "conv.weight", "attn.in_proj_weight", "attn.out_proj.weight", "cross.q_proj_weight", "cross.k_proj_weight",
+        "cross.v_proj_weight", "cross.out_proj.weight", "head.weight",
+    ]
+
+
+def test_include_exclude_and_skips():
+    net = Net()
+    assert select_targets(net, include=["embed.weight", "*.bias"], exclude=["attn.*"]) == [
+        "embed.weight", "conv.bias", "norm.bias", "cross.out_proj.bias", "head.bias"  # *.bias misses in_proj_bias
+    ]
+    assert select_targets(net, skip_first=True, skip_last=True)[0] == "attn.in_proj_weight"
+    assert select_targets(net, skip_last=True)[-1] == "cross.out_proj.weight"
+
+
+def test_glob_matching_nothing_is_an_error():
+    with pytest.raises(ValueError, match=r"include glob 'enc\.\*' matches no parameter"):
+        select_targets(Net(), include=["enc.*"])
+    with pytest.raises(ValueError, match="exclude glob 'nope' matches no parameter"):
+        select_targets(Net(), exclude=["nope"])
+
+
+def test_bare_string_and_empty_selection_are_errors():
+    with pytest.raises(TypeError, match="include must be a list of glob strings"):
+        select_targets(Net(), include="conv.weight")
+    with pytest.raises(ValueError, match="no parameter left to sparsify"):
+        select_targets(nn.Linear(2, 2), skip_first=True)
