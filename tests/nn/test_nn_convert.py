@@ -1,0 +1,112 @@
+import pytest
+import torch
+from torch import nn
+
+from lightning_sparse.nn import SparseLinear, to_sparse_inference
+
+
+def prune_blocks_(linear, block=16, density=0.5):
+    n, k = linear.weight.shape
+    keep = torch.rand(n // block, k // block) < density
+    keep[:, 0] = True
+    linear.weight.data *= keep.repeat_interleave(block, 0).repeat_interleave(block, 1)
+
+
+def prune_24_(linear):
+    linear.weight.data.view(linear.out_features, -1, 4)[..., 1::2] = 0.0
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+@pytest.mark.parametrize(("pattern", "prune_"), [("16x16", prune_blocks_), ("2:4", prune_24_)])
+def test_mlp_outputs_match_dense(pattern, prune_):
+    model = mlp()
+    for i in (0, 2):
+        prune_(model[i])
+    x = torch.randn(7, 32)
+    expected = model(x)
+    assert to_sparse_inference(model, pattern=pattern) is model
+    assert [type(model[i]) for i in (0, 2, 4)] == [SparseLinear, SparseLinear, nn.Linear]  # 10 outputs: no fit
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_non_square_blocks_and_min_sparsity():
+    model = mlp()
+    prune_blocks_(model[0], density=0.3)  # model[2] stays dense: sparsity 0 < min_sparsity
+    to_sparse_inference(model, pattern="16x32", min_sparsity=0.2)
+    assert isinstance(model[0], SparseLinear) and model[0].blocksize == (16, 32)
+    assert type(model[2]) is nn.Linear
+
+
+def test_include_globs():
+    model = nn.Sequential(mlp(), mlp())
+    to_sparse_inference(model, pattern="16x16", include=["1.*"])
+    assert type(model[0][0]) is nn.Linear and isinstance(model[1][0], SparseLinear)
+    to_sparse_inference(model, pattern="16x16", include="0.2.weight")
+    assert isinstance(model[0][2], SparseLinear) and type(model[0][0]) is nn.Linear
+
+
+def test_include_glob_without_a_fitting_layer_raises():
+    model = mlp()
+    prune_24_(model[0])
+    with pytest.raises(
+        ValueError, match=r"include glob '4' matched no nn.Linear that fits pattern '16x16': '4': shape"
+    ):
+        to_sparse_inference(model, pattern="16x16", include=["0", "4"])
+    assert type(model[0]) is nn.Linear  # checked before any swap
+    with pytest.raises(ValueError, match="glob '2' .* pattern '2:4': '2': the weight is not 2:4 sparse"):
+        to_sparse_inference(model, pattern="2:4", include=["0", "2"])
+    to_sparse_inference(model, pattern="2:4", include="[02]")  # one glob: fits through layer 0, skips layer 2
+    assert isinstance(model[0], SparseLinear) and type(model[2]) is nn.Linear
+    with pytest.raises(ValueError, match=r"glob '\*' .* '0': in_features 6 is not divisible by 4"):
+        to_sparse_inference(nn.Sequential(nn.Linear(6, 4)), pattern="2:4", include="*")
+    with pytest.raises(ValueError, match="glob 'encoder.*' matched no nn.Linear that fits .*: no nn.Linear matched it"):
+        to_sparse_inference(model, include=["encoder.*"])
+
+
+def test_unfit_layers_left_dense_without_include():
+    model = mlp()
+    to_sparse_inference(model, pattern="2:4")  # dense weights are not 2:4
+    assert all(type(model[i]) is nn.Linear for i in (0, 2, 4))
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(32, 2, batch_first=True)
+        self.fc = nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.fc(self.mha(x, x, x, need_weights=False)[0])
+
+
+def test_multihead_attention_out_proj_is_skipped():
+    model = Attention().eval()
+    prune_blocks_(model.mha.out_proj)
+    prune_blocks_(model.fc)
+    x = torch.randn(2, 5, 32)
+    expected = model(x)
+    to_sparse_inference(model, pattern="16x16")
+    assert isinstance(model.fc, SparseLinear)
+    assert isinstance(model.mha.out_proj, nn.Linear)
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_root_linear_returns_the_new_module():
+    linear = nn.Linear(32, 32)
+    prune_blocks_(linear)
+    assert isinstance(to_sparse_inference(linear, pattern="16x16"), SparseLinear)
+
+
+@pytest.mark.parametrize("pattern", ["32", "2:8", "dense", "0x16"])
+def test_bad_pattern(pattern):
+    with pytest.raises(ValueError, match=f'pattern must be "RxC" blocks .* or "2:4", got \'{pattern}\''):
+        to_sparse_inference(mlp(), pattern=pattern)
+
+
+@pytest.mark.parametrize("min_sparsity", [-0.1, 1.5])
+def test_bad_min_sparsity(min_sparsity):
+    with pytest.raises(ValueError, match=f"min_sparsity must be in \\[0, 1\\], got {min_sparsity}"):
+        to_sparse_inference(mlp(), min_sparsity=min_sparsity)
