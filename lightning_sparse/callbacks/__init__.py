@@ -1,8 +1,22 @@
 """Lightning callbacks: every sparsity algorithm, the scheduler, monitoring, export and benchmarking."""
 
 from lightning_sparse.callbacks.base import SparsityCallback
+from lightning_sparse.callbacks.dst import DynamicSparseTraining
+from lightning_sparse.callbacks.dst_presets import MEST, SET, SNFS, RigL
 from lightning_sparse.callbacks.magnitude import MagnitudePruning
 from lightning_sparse.callbacks.monitor import SparsityMonitor
 from lightning_sparse.callbacks.scheduler import SparsityScheduler
+from lightning_sparse.core.criteria import register_criterion
 
-__all__ = ["MagnitudePruning", "SparsityCallback", "SparsityMonitor", "SparsityScheduler"]
+__all__ = [
+    "DynamicSparseTraining",
+    "MEST",
+    "MagnitudePruning",
+    "RigL",
+    "SET",
+    "SNFS",
+    "SparsityCallback",
+    "SparsityMonitor",
+    "SparsityScheduler",
+    "register_criterion",
+]

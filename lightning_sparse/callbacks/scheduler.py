@@ -113,6 +113,8 @@ class SparsityScheduler(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
+        if step % trainer.log_every_n_steps:
+            return
         values = {"density": self.density(step), "sharpness": self.sharpness(step),
                   "drop_fraction": self.drop_fraction(step)}
         for key, value in values.items():

@@ -1,0 +1,318 @@
+r"""``DynamicSparseTraining``: sparse from the first step; every ``update_every`` steps drop some weights, grow others.
+
+An algorithm is a choice of drop criterion x grow criterion (Fantastic Weights, Nowak et al. 2023,
+https://arxiv.org/abs/2306.12230); the presets SET, RigL, SNFS and MEST are in
+:mod:`lightning_sparse.callbacks.dst_presets`. Per update, in every layer with :math:`a` active weights,
+
+.. math::
+
+    n = \mathrm{round}(f_t \cdot a), \qquad
+    f_t = \frac{f_0}{2}\left(1 + \cos\frac{\pi t}{T_{stop}}\right) \quad (t < T_{stop}),
+
+the :math:`n` active weights of lowest drop score are deactivated and the :math:`n` inactive positions (the
+just-dropped ones included) of highest grow score are activated, so the layer's active count never changes
+(SNFS redistribution moves counts between layers and keeps the total). :math:`T_{stop}` is ``stop_at`` times
+the run's optimizer steps; a :class:`SparsityScheduler` with a ``drop_fraction`` schedule replaces :math:`f_t`.
+
+Drop scores (lowest dropped): ``magnitude`` :math:`|w|`; ``set`` magnitude on each sign separately (SET);
+``mest`` :math:`|w| + \gamma |g|`; ``snip`` :math:`|w g|`; ``reciprocal_sensitivity`` :math:`|w| / (|g| + 10^{-8})`;
+``random``. Grow scores (highest grown): ``random`` (exact count), ``gradient`` :math:`|g|`, ``momentum``
+:math:`|m|`. :math:`g` is the dense gradient of the update step's batch (accumulated, unscaled). :math:`m` is an
+exponential average (decay 0.9) of the dense gradients that this callback keeps: the optimizer's own momentum
+is zero wherever a weight is masked (its gradient is masked before every step), so it cannot rank inactive
+positions. Memory: gradient criteria copy the targets' gradients on update steps only; ``momentum`` (growth or
+redistribution) keeps one dense float32 copy of the targets and updates it every step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+
+from lightning_sparse.callbacks.base import SparsityCallback, _check_int
+from lightning_sparse.core import scores
+from lightning_sparse.core.criteria import (
+    DROP_CRITERIA,
+    GRADIENT_CRITERIA,
+    GROW_CRITERIA,
+    CriterionFn,
+    ScoreInputs,
+    builtin_scores,
+    check_criterion,
+    check_scores,
+    criterion_name,
+    drop_by_sign,
+    redistribute,
+    registered_criterion,
+)
+from lightning_sparse.core.masks import drop_lowest, grow_highest
+from lightning_sparse.core.patterns import NM, parse_pattern
+from lightning_sparse.core.selection import select_masks
+
+MOMENTUM_DECAY = 0.9
+INITS = ("random", "magnitude")
+REDISTRIBUTIONS = (None, "momentum")
+
+
+def _check_float(argument: str, value: float, low: float, high: float, closed: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{argument} must be a float, got {type(value).__name__}: {value!r}")
+    inside = (low <= value < high) if closed == "[)" else (low < value <= high)
+    if not inside or math.isnan(value):
+        interval = f"[{low}, {high})" if closed == "[)" else f"({low}, {high}]"
+        raise ValueError(f"{argument} must be in {interval}, got {value}")
+    return float(value)
+
+
+def _check_choice(argument: str, value: Any, allowed: tuple) -> Any:
+    if value not in allowed:
+        raise ValueError(f"{argument} must be one of {list(allowed)}, got {value!r}")
+    return value
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    if not tensors:
+        return True
+    device = tensors[0].device
+    return bool(torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).all())
+
+
+class DynamicSparseTraining(SparsityCallback):
+    """Dynamic sparse training with any drop criterion x grow criterion (see the module docstring).
+
+    At train start the masks are drawn at the allocated densities (``init``) and the weights are masked. Every
+    ``update_every`` optimizer steps ``t`` with ``0 < t < stop_at * total_steps`` the masks are rewired after the
+    optimizer step, using that step's dense gradient. Newly grown weights start at zero with zeroed optimizer
+    state; a weight dropped and regrown in the same update keeps its value and state. A step with non-finite
+    gradients skips its update with a warning. ``update_every=None`` or ``drop_fraction=0`` trains a static
+    sparse baseline. A :class:`SparsityScheduler` may give the density (its final one: DST is sparse from the
+    start) and a ``drop_fraction`` schedule.
+
+    Args:
+        drop: drop criterion: ``"magnitude"``, ``"set"``, ``"mest"``, ``"snip"``, ``"reciprocal_sensitivity"``,
+            ``"random"``, a name added with :func:`~lightning_sparse.core.criteria.register_criterion`, or a
+            callable ``(param, grad, optimizer_state) -> scores`` (lowest dropped).
+        grow: grow criterion: ``"random"``, ``"gradient"``, ``"momentum"``, a registered name or a callable
+            (highest grown).
+        density: fraction of weights kept, in (0, 1] (or from a :class:`SparsityScheduler`).
+        pattern: ``"unstructured"`` or ``"RxC"`` blocks (scores are averaged per block; counts are blocks).
+        distribution: ``"uniform"``, ``"er"``, ``"erk"`` or ``"global"`` (for the initial masks).
+        include: glob patterns of parameter names to sparsify (default: Linear, Conv, attention weights).
+        exclude: glob patterns of parameter names to keep dense.
+        skip_first: keep the first target dense.
+        skip_last: keep the last target dense.
+        update_every: optimizer steps between mask updates; ``None`` for static sparse training.
+        drop_fraction: initial fraction :math:`f_0` of each layer's active weights rewired, in [0, 1).
+        stop_at: fraction of the run's optimizer steps after which the masks stay fixed, in (0, 1].
+        init: initial masks: ``"random"`` (exact counts, from the seeded generator) or ``"magnitude"``.
+        gamma: :math:`\\gamma` of the ``mest`` score, >= 0.
+        redistribution: ``None`` or ``"momentum"`` (SNFS: see :func:`~lightning_sparse.core.criteria.redistribute`).
+        seed: seed of the callback's generator (random masks, random scores), identical on every rank.
+
+    Raises:
+        ValueError: for an unknown criterion, ``drop_fraction`` outside [0, 1), ``update_every < 1``, ``stop_at``
+            outside (0, 1], an N:M pattern, an unknown ``init``/``redistribution``, ``gamma < 0``; during fit for
+            a criterion returning scores of the wrong shape, or a gradient criterion with no gradient.
+        TypeError: for arguments of the wrong type.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from lightning_sparse.callbacks import DynamicSparseTraining
+
+        dst = DynamicSparseTraining(drop="set", grow="gradient", density=0.1, update_every=100)
+        trainer = Trainer(max_epochs=4, callbacks=[dst])
+    """
+
+    def __init__(
+        self,
+        drop: str | CriterionFn = "magnitude",
+        grow: str | CriterionFn = "gradient",
+        density: float | None = None,
+        pattern: str = "unstructured",
+        distribution: str = "erk",
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        skip_first: bool = False,
+        skip_last: bool = False,
+        update_every: int | None = 100,
+        drop_fraction: float = 0.3,
+        stop_at: float = 0.75,
+        init: str = "random",
+        gamma: float = 1.0,
+        redistribution: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        if isinstance(parse_pattern(pattern), NM):
+            raise ValueError(f"pattern must be 'unstructured' or 'RxC' blocks for dynamic sparse training, got "
+                             f"{pattern!r} (N:M masks cannot be rewired weight by weight)")
+        every = 1 if update_every is None else _check_int("update_every", update_every, 1)
+        super().__init__(density, pattern, distribution, include, exclude, skip_first, skip_last, every, seed)
+        self.update_every = update_every
+        self.drop = check_criterion("drop", drop, DROP_CRITERIA)
+        self.grow = check_criterion("grow", grow, GROW_CRITERIA)
+        self.drop_fraction = _check_float("drop_fraction", drop_fraction, 0.0, 1.0, "[)")
+        self.stop_at = _check_float("stop_at", stop_at, 0.0, 1.0, "(]")
+        self.init = _check_choice("init", init, INITS)
+        self.gamma = _check_float("gamma", gamma, 0.0, math.inf, "[)")
+        self.redistribution = _check_choice("redistribution", redistribution, REDISTRIBUTIONS)
+        self.momentum: dict[str, Tensor] | None = None
+        self._grads: dict[str, Tensor] | None = None
+        self._due_step: int | None = None
+        self._stop_step = math.inf
+
+    # ----------------------------------------------------------------------------------------- numbers
+    @property
+    def _tracks_momentum(self) -> bool:
+        return self.grow == "momentum" or self.redistribution == "momentum"
+
+    @property
+    def _needs_grads(self) -> bool:
+        return any(not isinstance(c, str) or c in GRADIENT_CRITERIA or registered_criterion(c) is not None
+                   for c in (self.drop, self.grow))
+
+    def target_density(self, step: int) -> float:
+        """The final density at every step: DST is sparse from the start (a scheduler's ramp is not used)."""
+        return self.final_density
+
+    def layer_densities(self, step: int) -> dict[str, float]:
+        """The initial allocation; with redistribution, each layer's actual density (counts move between layers)."""
+        if self.redistribution is None or self.last_update_step < 0:
+            return super().layer_densities(step)
+        return {name: self.masks.density(name) for name in self.masks.masks}
+
+    def drop_fraction_at(self, step: int) -> float:
+        """The scheduler's drop fraction at ``step`` when it has one, else the cosine decay of ``drop_fraction``.
+
+        Raises:
+            ValueError: when the scheduler's value is outside [0, 1).
+        """
+        scheduled = None if self._scheduler is None else self._scheduler.drop_fraction(step)
+        if scheduled is not None:
+            return _check_float(f"SparsityScheduler drop_fraction at step {step}", scheduled, 0.0, 1.0, "[)")
+        progress = min(step / self._stop_step, 1.0)
+        return self.drop_fraction / 2 * (1 + math.cos(math.pi * progress))
+
+    def _update_due(self, step: int) -> bool:
+        return (self.update_every is not None and step % self.update_every == 0 and 0 < step < self._stop_step
+                and self.drop_fraction_at(step) > 0)
+
+    # ----------------------------------------------------------------------------------------- hooks
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError(f"{type(self).__name__} needs a finite run (stop_at is a fraction of it): set max_steps "
+                             "or max_epochs")
+        self._stop_step = self.stop_at * total
+        super().on_train_start(trainer, pl_module)
+        ramp = None if self._scheduler is None else self._scheduler.density_schedule
+        if ramp is not None and ramp.initial is not None and ramp.initial != ramp.final:
+            rank_zero_warn(f"{type(self).__name__} is sparse from the first step at density {ramp.final}; the "
+                           f"SparsityScheduler's density ramp from {ramp.initial} is not used")
+
+    def on_gradients(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        step = trainer.global_step + 1  # the optimizer step about to happen
+        due = self._update_due(step)
+        if not (due or self._tracks_momentum):
+            return
+        grads = {name: p.grad for name, p in self.masks.params.items() if p.grad is not None}
+        finite = _all_finite(list(grads.values()))
+        if finite and self._tracks_momentum:
+            self._track_momentum(grads)
+        if due and not finite:
+            rank_zero_warn(f"{type(self).__name__}: non-finite gradients at optimizer step {step}; the mask update "
+                           "of this step is skipped")
+        elif due:
+            self._capture(grads, step)
+
+    def _track_momentum(self, grads: dict[str, Tensor]) -> None:
+        if self.momentum is None:
+            self.momentum = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in self.masks.params.items()}
+        names = list(grads)
+        torch._foreach_lerp_([self.momentum[n] for n in names], [grads[n].float() for n in names], 1 - MOMENTUM_DECAY)
+
+    def _capture(self, grads: dict[str, Tensor], step: int) -> None:
+        missing = [name for name in self.masks.params if name not in grads]
+        builtin = [c for c in (self.drop, self.grow) if isinstance(c, str) and c in GRADIENT_CRITERIA]
+        if missing and builtin:
+            raise ValueError(
+                f"criterion {builtin[0]!r} needs the gradient of every target, but {missing} have no gradient "
+                f"(param.grad is None) at optimizer step {step}: they took no part in the loss; exclude them or "
+                f"use a criterion without gradient ('magnitude', 'set', 'random')"
+            )
+        if self._needs_grads:
+            self._grads = {name: g.detach().clone() for name, g in grads.items()}
+        self._due_step = step
+
+    def should_update(self, step: int) -> bool:
+        """At train start until masks exist; afterwards on the steps whose gradients :meth:`on_gradients` kept."""
+        return self.last_update_step < 0 or self._due_step == step
+
+    # ----------------------------------------------------------------------------------------- masks
+    def compute_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, Tensor]:
+        if self.last_update_step < 0:
+            return self._initial_masks(step)
+        try:
+            return self._rewire(trainer.optimizers, self.drop_fraction_at(step))
+        finally:
+            self._grads, self._due_step = None, None
+
+    def _initial_masks(self, step: int) -> dict[str, Tensor]:
+        params = self.masks.params
+        score = (lambda p: scores.random(p, self.generator)) if self.init == "random" else scores.magnitude
+        init_scores = {name: score(p) for name, p in params.items()}
+        global_density = self.final_density if self.distribution == "global" else None
+        return select_masks(init_scores, self.layer_densities(step), self.pattern, global_density,
+                            set(self.layer_overrides))
+
+    def _rewire(self, optimizers: list, fraction: float) -> dict[str, Tensor]:
+        groups = {name: self.pattern.compress(mask) for name, mask in self.masks.masks.items()}
+        drops = {name: round(fraction * int(g.sum())) for name, g in groups.items()}
+        grows = self._redistribute(groups, drops) if self.redistribution else drops
+        masks = {}
+        for name, group_mask in groups.items():
+            kept = self._drop(name, group_mask, drops[name], optimizers)
+            grow_scores = self.pattern.group_scores(self._scores(self.grow, name, optimizers))
+            grown = grow_highest(grow_scores.to(kept.device), kept, grows[name])
+            masks[name] = self.pattern.expand(grown, tuple(self.masks.params[name].shape))
+        return masks
+
+    def _drop(self, name: str, group_mask: Tensor, n: int, optimizers: list) -> Tensor:
+        group_scores = self.pattern.group_scores(self._scores(self.drop, name, optimizers)).to(group_mask.device)
+        if self.drop == "set":
+            return drop_by_sign(group_scores, group_mask, n)
+        return drop_lowest(group_scores, group_mask, n)
+
+    def _redistribute(self, groups: dict[str, Tensor], drops: dict[str, int]) -> dict[str, int]:
+        weights = {}
+        for name, mask in self.masks.masks.items():
+            active = self.momentum[name].abs()[mask]
+            weights[name] = float(active.mean()) if active.numel() else 0.0
+        capacities = {name: g.numel() - int(g.sum()) + drops[name] for name, g in groups.items()}
+        return redistribute(drops, capacities, weights)
+
+    def _scores(self, criterion: str | CriterionFn, name: str, optimizers: list) -> Tensor:
+        param, grad = self.masks.params[name], (self._grads or {}).get(name)
+        custom = criterion if callable(criterion) else registered_criterion(criterion)
+        if custom is not None:
+            state = next((opt.state[param] for opt in optimizers if param in opt.state), {})
+            return check_scores(criterion_name(criterion), custom(param, grad, state), param)
+        momentum = None if self.momentum is None else self.momentum[name]
+        return builtin_scores(criterion, ScoreInputs(param, grad, momentum, self.generator, self.gamma))
+
+    # ----------------------------------------------------------------------------------------- state
+    def extra_state_dict(self) -> dict[str, Any]:
+        if self.momentum is None:
+            return {}
+        return {"momentum": {name: m.detach().cpu().clone() for name, m in self.momentum.items()}}
+
+    def load_extra_state_dict(self, state: dict[str, Any]) -> None:
+        momentum = state.get("momentum")
+        if momentum is not None:
+            self.momentum = {name: m.to(self.masks.params[name].device) for name, m in momentum.items()}
