@@ -83,6 +83,11 @@ class MaskState:
                     if isinstance(value, Tensor) and value.shape == where.shape:
                         value.masked_fill_(where.to(value.device), 0)
 
+    @torch.no_grad()
+    def names_with_weights_outside_mask(self) -> list[str]:
+        """Parameters that hold a non-zero weight where their mask is False."""
+        return [name for name, m in self._multipliers.items() if (self.params[name] * (1 - m)).any()]
+
     def density(self, name: str) -> float:
         """Fraction of ``name``'s mask that is kept."""
         mask = self.masks[name]

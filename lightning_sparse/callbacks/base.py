@@ -6,9 +6,13 @@ It owns *when* things happen; subclasses say *which* mask to keep (:meth:`comput
 1. ``on_before_optimizer_step`` (gradients accumulated and unscaled): :meth:`on_gradients`, then the
    gradients of masked-out weights are zeroed;
 2. the optimizer steps;
-3. ``on_train_batch_end``: masked-out weights are re-zeroed; when :meth:`should_update` says so, new masks
-   are computed, the optimizer state (momentum, Adam moments) of every position whose mask changed is
-   cleared, and the weights are masked.
+3. ``on_train_batch_end``: when :meth:`should_update` says so, new masks are computed, the optimizer state
+   (momentum, Adam moments) of every position whose mask changed is cleared, and the weights are masked.
+
+With masked gradients and cleared state, every optimizer in ``torch.optim`` (SGD with momentum and weight decay,
+Adam, AdamW, ...) keeps a zero weight exactly zero, so the hot path is one fused multiply of the gradients. The
+first optimizer step after every mask change *verifies* this; an optimizer that moves a masked weight gets a
+warning and the weights are re-zeroed after every step from then on.
 
 Steps are optimizer steps (``trainer.global_step``). Masks, counters and the random generator live in
 :meth:`state_dict`, so a resumed run continues exactly where it stopped.
@@ -22,7 +26,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_debug
+from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_warn
 from torch import Tensor
 
 from lightning_sparse.callbacks.scheduler import SparsityScheduler, find_scheduler
@@ -97,6 +101,8 @@ class SparsityCallback(Callback):
         self._scheduler: SparsityScheduler | None = None
         self._seen_step = -1
         self._pending: dict[str, Any] | None = None
+        self._verify_zeros = True
+        self._rezero_every_step = False
 
     def _check_nm(self, density: float | None) -> None:
         if not isinstance(self.pattern, NM):
@@ -221,16 +227,32 @@ class SparsityCallback(Callback):
         self._after_step(trainer, pl_module, step)
 
     def _after_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        self.masks.apply_to_weights()
+        if self._rezero_every_step:
+            self.masks.apply_to_weights()
+        elif self._verify_zeros:
+            self._check_optimizer_keeps_zeros(trainer)
         self.on_step(trainer, pl_module, step)
         if step != self.last_update_step and self.should_update(step):
             self.update_masks(trainer, pl_module, step)
+
+    def _check_optimizer_keeps_zeros(self, trainer: pl.Trainer) -> None:
+        self._verify_zeros = False
+        moved = self.masks.names_with_weights_outside_mask()
+        if moved:
+            names = [type(opt).__name__ for opt in trainer.optimizers]
+            rank_zero_warn(
+                f"{type(self).__name__}: the optimizer ({', '.join(names)}) changed masked-out weights of {moved} "
+                "although their gradients and state were zero; re-zeroing the weights after every step from now on"
+            )
+            self._rezero_every_step = True
+            self.masks.apply_to_weights()
 
     def update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, Tensor]:
         """Compute and apply new masks now; returns the changed positions per target."""
         changed = self.masks.set_masks(self.compute_masks(trainer, pl_module, step))
         self.masks.clear_optimizer_state(trainer.optimizers, changed)
         self.masks.apply_to_weights()
+        self._verify_zeros = True
         self.last_update_step = step
         rank_zero_debug(f"{type(self).__name__}: masks updated at step {step}")
         return changed
@@ -267,6 +289,8 @@ class SparsityCallback(Callback):
     def _restore(self, state: dict[str, Any]) -> None:
         state = dict(state)
         self.masks.load_state_dict(state.pop("masks"))
+        self.masks.apply_to_weights()
+        self._verify_zeros = True
         self.last_update_step = int(state.pop("last_update_step"))
         self.generator.set_state(state.pop("generator"))
         self.load_extra_state_dict(state)

@@ -170,3 +170,39 @@ def test_rewind_resets_kept_weights_to_their_early_values():
     _trainer([pruning], max_steps=3).fit(model, harness.harness_data())
     mask = pruning.masks.masks["head.weight"]
     assert torch.equal(model.head.weight.detach(), initial * mask)
+
+
+class _DriftingSGD(torch.optim.SGD):
+    """Moves every weight, zero or not: a stand-in for optimizers that do not keep zeros."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(1e-3)
+        return loss
+
+
+class _DriftNet(harness.HarnessNet):
+    def configure_optimizers(self):
+        return _DriftingSGD(self.parameters(), lr=0.01)
+
+
+def test_optimizer_that_moves_zeros_is_detected_and_weights_stay_masked():
+    torch.manual_seed(0)
+    model, pruning = _DriftNet(), MagnitudePruning(density=0.25)
+    with pytest.warns(UserWarning, match="changed masked-out weights"):
+        _trainer([pruning], max_steps=3).fit(model, harness.harness_data())
+    assert not pruning.masks.names_with_weights_outside_mask()
+
+
+def test_standard_optimizers_keep_zeros_without_rezeroing():
+    for make in (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.1),
+                 lambda p: torch.optim.AdamW(p, lr=0.1, weight_decay=0.1)):
+        torch.manual_seed(0)
+        model, pruning = harness.HarnessNet(), MagnitudePruning(density=0.25)
+        model.configure_optimizers = lambda m=model, make=make: make(m.parameters())
+        _trainer([pruning], max_steps=4).fit(model, harness.harness_data())
+        assert not pruning._rezero_every_step
+        assert not pruning.masks.names_with_weights_outside_mask()
