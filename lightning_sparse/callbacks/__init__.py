@@ -5,6 +5,7 @@ from lightning_sparse.callbacks.dst import DynamicSparseTraining
 from lightning_sparse.callbacks.dst_presets import MEST, SET, SNFS, RigL
 from lightning_sparse.callbacks.magnitude import MagnitudePruning
 from lightning_sparse.callbacks.monitor import SparsityMonitor
+from lightning_sparse.callbacks.nm import NMSparsity
 from lightning_sparse.callbacks.scheduler import SparsityScheduler
 from lightning_sparse.core.criteria import register_criterion
 
@@ -12,6 +13,7 @@ __all__ = [
     "DynamicSparseTraining",
     "MEST",
     "MagnitudePruning",
+    "NMSparsity",
     "RigL",
     "SET",
     "SNFS",
