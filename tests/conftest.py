@@ -1,10 +1,12 @@
 import os
 import warnings
 
-import pytest
-import torch
+# Before anything imports triton (lightning does): Triton kernels run on the CPU under the interpreter.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
-os.environ.setdefault("PYTHONHASHSEED", "0")
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
