@@ -1,9 +1,20 @@
 """lightning_sparse: sparse training for PyTorch Lightning."""
 
+from lightning_sparse.core.soft_topk import soft_topk
 from lightning_sparse.masking import MaskState
 from lightning_sparse.mixins import SparseModuleMixin
+from lightning_sparse.nn import SparseLinear, to_sparse_inference
 from lightning_sparse.report import SparsityReport, sparsity_report
 
 __version__ = "0.1.0"
 
-__all__ = ["MaskState", "SparseModuleMixin", "SparsityReport", "__version__", "sparsity_report"]
+__all__ = [
+    "MaskState",
+    "SparseLinear",
+    "SparseModuleMixin",
+    "SparsityReport",
+    "__version__",
+    "soft_topk",
+    "sparsity_report",
+    "to_sparse_inference",
+]

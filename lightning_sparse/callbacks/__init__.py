@@ -4,15 +4,19 @@ from lightning_sparse.callbacks.base import SparsityCallback
 from lightning_sparse.callbacks.dst import DynamicSparseTraining
 from lightning_sparse.callbacks.dst_presets import MEST, SET, SNFS, RigL
 from lightning_sparse.callbacks.magnitude import MagnitudePruning
+from lightning_sparse.callbacks.masked import MaskedForwardCallback
 from lightning_sparse.callbacks.monitor import SparsityMonitor
 from lightning_sparse.callbacks.nm import NMSparsity
 from lightning_sparse.callbacks.scheduler import SparsityScheduler
+from lightning_sparse.callbacks.spartan import Spartan
+from lightning_sparse.callbacks.topkast import TopKAST
 from lightning_sparse.core.criteria import register_criterion
 
 __all__ = [
     "DynamicSparseTraining",
     "MEST",
     "MagnitudePruning",
+    "MaskedForwardCallback",
     "NMSparsity",
     "RigL",
     "SET",
@@ -20,5 +24,7 @@ __all__ = [
     "SparsityCallback",
     "SparsityMonitor",
     "SparsityScheduler",
+    "Spartan",
+    "TopKAST",
     "register_criterion",
 ]

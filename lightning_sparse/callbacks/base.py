@@ -73,6 +73,11 @@ class SparsityCallback(Callback):
         TypeError: for arguments of the wrong type.
     """
 
+    hard_mask: bool = True
+    """Whether masked-out weights are kept physically zero (gradients masked, weights re-zeroed, optimizer state
+    cleared). Algorithms that keep dense weights and mask the forward instead (Spartan, Top-KAST) set it False;
+    their :class:`MaskState` then only records the current hard masks."""
+
     def __init__(
         self,
         density: float | None = None,
@@ -217,7 +222,8 @@ class SparsityCallback(Callback):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         self.on_gradients(trainer, pl_module, optimizer)
-        self.masks.mask_grads()
+        if self.hard_mask:
+            self.masks.mask_grads()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -227,9 +233,9 @@ class SparsityCallback(Callback):
         self._after_step(trainer, pl_module, step)
 
     def _after_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        if self._rezero_every_step:
+        if self.hard_mask and self._rezero_every_step:
             self.masks.apply_to_weights()
-        elif self._verify_zeros:
+        elif self.hard_mask and self._verify_zeros:
             self._check_optimizer_keeps_zeros(trainer)
         self.on_step(trainer, pl_module, step)
         if step != self.last_update_step and self.should_update(step):
@@ -250,8 +256,9 @@ class SparsityCallback(Callback):
     def update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, Tensor]:
         """Compute and apply new masks now; returns the changed positions per target."""
         changed = self.masks.set_masks(self.compute_masks(trainer, pl_module, step))
-        self.masks.clear_optimizer_state(trainer.optimizers, changed)
-        self.masks.apply_to_weights()
+        if self.hard_mask:
+            self.masks.clear_optimizer_state(trainer.optimizers, changed)
+            self.masks.apply_to_weights()
         self._verify_zeros = True
         self.last_update_step = step
         rank_zero_debug(f"{type(self).__name__}: masks updated at step {step}")
@@ -289,7 +296,8 @@ class SparsityCallback(Callback):
     def _restore(self, state: dict[str, Any]) -> None:
         state = dict(state)
         self.masks.load_state_dict(state.pop("masks"))
-        self.masks.apply_to_weights()
+        if self.hard_mask:
+            self.masks.apply_to_weights()
         self._verify_zeros = True
         self.last_update_step = int(state.pop("last_update_step"))
         self.generator.set_state(state.pop("generator"))

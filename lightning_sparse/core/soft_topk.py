@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["soft_topk"]
+__all__ = ["soft_topk", "soft_topk_threshold"]
 
 _DIRECT_MAX = 1 << 17  # up to this many entries the solve starts from the exact hard threshold
 _SAMPLE = 1 << 16  # above it, from the solution on a subsample of this size
@@ -89,6 +89,40 @@ def soft_topk(scores: Tensor, density: float, sharpness: float, costs: Tensor | 
     if density == 1 or scores.numel() == 0:
         return torch.ones_like(scores)
     return _SoftTopK.apply(scores, costs, float(density), float(sharpness))
+
+
+def soft_topk_threshold(scores: Tensor, density: float, sharpness: float, costs: Tensor | None = None) -> float:
+    r"""The threshold :math:`t = -\mu / \beta` of :func:`soft_topk`, without building a mask graph.
+
+    :func:`soft_topk` returns :math:`\sigma(\beta (u - t))` with :math:`u` = ``scores / costs``; callers that
+    rebuild that mask themselves (per layer, from a threshold shared by many layers) solve for :math:`t` once here.
+
+    Args:
+        scores: Values :math:`v` of the entries, as in :func:`soft_topk`.
+        density: Fraction of the total cost kept, in (0, 1]; ``1`` (or no entries) gives ``-inf`` (keep all).
+        sharpness: Inverse temperature :math:`\beta > 0`.
+        costs: Positive cost of each entry, same shape as ``scores``; ``None`` means all ones.
+
+    Returns:
+        The threshold as a Python float (solved in float64 arithmetic).
+
+    Raises:
+        TypeError: If ``scores`` is not a floating-point tensor.
+        ValueError: As :func:`soft_topk`.
+
+    Example::
+
+        >>> import torch
+        >>> scores = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+        >>> t = soft_topk_threshold(scores, density=0.1, sharpness=10.0)
+        >>> round(torch.sigmoid(10.0 * (scores - t)).sum().item(), 2)
+        100.0
+    """
+    _check_args(scores, density, sharpness, costs)
+    if density == 1 or scores.numel() == 0:
+        return -math.inf
+    u, c = _unit_values(scores, costs)
+    return _solve(u, c, float(density), float(sharpness), _RTOL[u.dtype])[0]
 
 
 def _check_args(scores: Tensor, density: float, sharpness: float, costs: Tensor | None) -> None:

@@ -1,0 +1,207 @@
+r"""Masks for dense-weight training: Spartan's soft top-k mask rebuilt per layer, exact hard top-k, straight-through.
+
+Spartan (Tai, Tian & Lim 2022, https://arxiv.org/abs/2205.14107) keeps dense weights :math:`w` and computes with
+
+.. math::
+
+    \tilde w = w \odot m \odot h, \qquad m_i = \sigma\big(\beta (u_i - t)\big), \qquad
+    \sum_i c_i m_i = \rho \sum_i c_i,
+
+where :math:`u_i = p_i / c_i` is the unit value of group :math:`i` (:math:`p_i` = mean :math:`|w|` of the block, or
+:math:`|w_i|`; :math:`c_i` its cost), :math:`t` the soft top-k threshold (:func:`soft_topk_threshold`) and :math:`h`
+the exact hard top-k (:func:`hard_topk`: the highest :math:`u`, so the highest :math:`m`). The gradient passes
+:math:`h` straight through (pruned weights still learn) and differentiates :math:`m` implicitly, as
+:func:`~lightning_sparse.core.soft_topk.soft_topk` does. Here :math:`t` is one shared node per budget
+(:func:`threshold_node`, carrying the coupling term of the implicit gradient) and each layer computes its own
+:math:`w \odot m \odot h` from it (:func:`spartan_weight`, one fused op): one solve per budget serves every layer
+and every forward, and the gradient equals :func:`soft_topk`'s.
+
+Example::
+
+    >>> import torch
+    >>> from lightning_sparse.core.patterns import Unstructured
+    >>> w = torch.tensor([[0.5, -2.0], [0.1, 1.0]], requires_grad=True)
+    >>> t = soft_topk_threshold(w.detach().abs(), 0.5, 10.0)
+    >>> h = hard_topk(w.detach().abs(), 0.5)
+    >>> effective = spartan_weight(w, Unstructured(), threshold_node([w], Unstructured(), t, 10.0), 10.0, h)
+    >>> (effective != 0).int().tolist()
+    [[0, 1], [0, 1]]
+    >>> effective.sum().backward()
+    >>> bool((w.grad != 0).all())  # pruned weights get gradients too
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from lightning_sparse.core.patterns import Blocks, Pattern
+from lightning_sparse.core.soft_topk import soft_topk_threshold
+
+__all__ = ["group_magnitudes", "hard_topk", "soft_group_values", "soft_topk_threshold", "spartan_weight",
+           "straight_through_mask", "threshold_node"]
+
+
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, keep: Tensor, grad_keep: Tensor | None) -> Tensor:
+        ctx.mark_non_differentiable(keep)
+        ctx.masked = grad_keep is not None
+        if ctx.masked:
+            ctx.save_for_backward(grad_keep)
+        return torch.where(keep, x, x.new_zeros(()))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        if ctx.masked:
+            (grad_keep,) = ctx.saved_tensors
+            grad = torch.where(grad_keep, grad, grad.new_zeros(()))
+        return grad, None, None
+
+
+def straight_through_mask(x: Tensor, keep: Tensor, grad_keep: Tensor | None = None) -> Tensor:
+    """``x`` where ``keep`` (bool) and 0 elsewhere; the gradient passes unmasked, or masked by ``grad_keep``."""
+    return _StraightThrough.apply(x, keep, grad_keep)
+
+
+def _group_size(pattern: Pattern) -> int:
+    return pattern.rows * pattern.cols if isinstance(pattern, Blocks) else 1
+
+
+def group_magnitudes(weight: Tensor, pattern: Pattern) -> Tensor:
+    """Mean :math:`|w|` of each group of ``pattern`` (flat, float32, differentiable)."""
+    return pattern.group_scores(weight.abs().float())
+
+
+def _topk_flat(flat: Tensor, k: int) -> Tensor:
+    """Mask of the ``k`` largest entries, ties at the k-th value to the lowest indices, in O(n) (no full sort)."""
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    if k <= 0:
+        return mask
+    if k >= flat.numel():
+        return mask.fill_(True)
+    kth = torch.kthvalue(flat, flat.numel() - k + 1).values
+    torch.gt(flat, kth, out=mask)
+    missing = k - int(mask.sum())
+    if missing:
+        mask[torch.nonzero(flat == kth).squeeze(1)[:missing]] = True
+    return mask
+
+
+def hard_topk(scores: Tensor, density: float, costs: Tensor | None = None) -> Tensor:
+    """Exact hard top-k of the unit values ``scores / costs`` (bool, ``scores``' shape; ties: lower index kept).
+
+    With equal (or no) costs it keeps exactly ``round(density * n)`` entries (a selection in O(n), no sort). With
+    unequal costs it keeps the prefix, in descending unit value, whose total cost is closest to
+    ``density * costs.sum()`` (the smaller prefix on a tie).
+    """
+    flat = scores.detach().reshape(-1).float()
+    if costs is None or bool((costs == costs.reshape(-1)[0]).all()):
+        return _topk_flat(flat, round(density * flat.numel())).reshape(scores.shape)
+    costs = costs.reshape(-1).to(flat.device)
+    order = torch.sort(flat / costs, descending=True, stable=True).indices
+    cumulative = torch.cumsum(costs[order].double(), 0)
+    budget = density * cumulative[-1].item()
+    index = int(torch.searchsorted(cumulative, budget))
+    below = cumulative[index - 1].item() if index else 0.0
+    keep = index + 1 if index < flat.numel() and cumulative[index].item() - budget < budget - below else index
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[order[:keep]] = True
+    return mask.reshape(scores.shape)
+
+
+def soft_group_values(
+    weight: Tensor, pattern: Pattern, threshold: Tensor | float, sharpness: float, cost: float = 1.0
+) -> Tensor:
+    r"""Soft mask :math:`\sigma(\beta(u - t))` of ``weight``'s groups (flat, float32), ``u = mean |w| / cost``."""
+    unit = group_magnitudes(weight, pattern)
+    return torch.sigmoid_(unit.mul_(sharpness / cost).sub_(threshold * sharpness))
+
+
+class _SpartanWeight(torch.autograd.Function):
+    """``where(keep, w * m, 0)`` with ``m = sigmoid(beta (mean|w| / cost - t))``, fused; ``keep`` is passed straight
+    through. Saves nothing but the weight: the backward recomputes ``m``."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, threshold: Tensor, pattern: Pattern, sharpness: float, cost: float, keep: Tensor):
+        ctx.save_for_backward(weight, threshold)
+        ctx.pattern, ctx.sharpness, ctx.cost = pattern, sharpness, cost
+        values = soft_group_values(weight, pattern, threshold, sharpness, cost)
+        scaled = weight * pattern.expand(values, weight.shape).to(weight.dtype)
+        return scaled.masked_fill_(~keep, 0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        weight, threshold = ctx.saved_tensors
+        pattern, beta = ctx.pattern, ctx.sharpness
+        values = soft_group_values(weight, pattern, threshold, beta, ctx.cost)
+        slope = values - values.square()  # s = m (1 - m)
+        grad_values = pattern.group_scores((grad * weight).float()) * _group_size(pattern)  # dL/dm per group
+        grad_units = grad_values.mul_(slope).mul_(beta)  # dL/du
+        grad_threshold = -grad_units.sum() if ctx.needs_input_grad[1] else None
+        per_weight = grad_units.div_(ctx.cost * _group_size(pattern))  # dL/d|w| of every weight of the group
+        grad_weight = grad * pattern.expand(values, weight.shape).to(grad.dtype)
+        grad_weight.addcmul_(weight.sign(), pattern.expand(per_weight, weight.shape).to(grad.dtype))
+        return grad_weight, grad_threshold, None, None, None, None
+
+
+def spartan_weight(
+    weight: Tensor, pattern: Pattern, threshold: Tensor, sharpness: float, keep: Tensor, cost: float = 1.0
+) -> Tensor:
+    r"""Spartan's effective weight :math:`w \odot m \odot h` (``h`` = ``keep``), differentiable in ``weight`` (through
+    :math:`w` and :math:`m`, ``keep`` passed straight through) and in a :func:`threshold_node` ``threshold``."""
+    return _SpartanWeight.apply(weight, threshold, pattern, float(sharpness), float(cost), keep)
+
+
+class _Threshold(torch.autograd.Function):
+    """The soft top-k threshold as a function of every weight of the budget (implicit gradient).
+
+    It saves no tensors with ``save_for_backward``, so one node serves several forwards and backwards (gradient
+    accumulation, re-entrant checkpointing); its backward reads the weights as they are (unchanged until the
+    optimizer steps).
+    """
+
+    @staticmethod
+    def forward(ctx, threshold: Tensor, pattern: Pattern, sharpness: float, costs: Sequence[float], *weights):
+        ctx.threshold, ctx.pattern, ctx.sharpness = threshold, pattern, sharpness
+        ctx.costs, ctx.weights = costs, weights
+        return threshold.clone()
+
+    @staticmethod
+    @torch.no_grad()
+    def backward(ctx, grad: Tensor):
+        slopes = []
+        for weight, cost in zip(ctx.weights, ctx.costs, strict=True):
+            values = soft_group_values(weight, ctx.pattern, ctx.threshold, ctx.sharpness, cost)
+            slopes.append(values.sub_(values.square()))
+        total = sum(cost * slope.sum(dtype=torch.float64) for cost, slope in zip(ctx.costs, slopes, strict=True))
+        scale = grad.double() / total.clamp_min(torch.finfo(torch.float64).tiny) / _group_size(ctx.pattern)
+        grads = [weight.sign() * ctx.pattern.expand(slope * scale.float(), weight.shape).to(weight.dtype)
+                 for weight, slope in zip(ctx.weights, slopes, strict=True)]
+        return (None, None, None, None, *grads)
+
+
+def threshold_node(
+    weights: Sequence[Tensor],
+    pattern: Pattern,
+    threshold: float,
+    sharpness: float,
+    costs: Sequence[float] | None = None,
+) -> Tensor:
+    r"""A 0-d float32 tensor holding ``threshold`` whose gradient flows to ``weights`` as
+    :math:`\partial t / \partial p_j = s_j / \sum_i c_i s_i` (:math:`s = m (1 - m)`, :math:`p_j` = mean :math:`|w|`
+    of group :math:`j`): the budget's coupling term of the soft top-k gradient.
+
+    Args:
+        weights: every weight of the budget (one layer, or all layers of a global budget).
+        pattern: the grouping (unstructured or blocks).
+        threshold: the solved threshold (:func:`soft_topk_threshold` on the concatenated mean magnitudes).
+        sharpness: :math:`\beta`.
+        costs: cost of each group of each weight (one number per weight); ``None`` means ones.
+    """
+    costs = [1.0] * len(weights) if costs is None else [float(c) for c in costs]
+    value = torch.tensor(threshold, dtype=torch.float32, device=weights[0].device)
+    return _Threshold.apply(value, pattern, float(sharpness), costs, *weights)

@@ -1,0 +1,84 @@
+"""Per-layer soft masks from a shared threshold node reproduce soft_topk's values and implicit gradient."""
+
+import doctest
+
+import pytest
+import torch
+
+import lightning_sparse.core.soft_mask as soft_mask_module
+from lightning_sparse.core.patterns import Blocks, Unstructured
+from lightning_sparse.core.soft_mask import (
+    group_magnitudes,
+    hard_topk,
+    soft_topk_threshold,
+    spartan_weight,
+    straight_through_mask,
+    threshold_node,
+)
+from lightning_sparse.core.soft_topk import soft_topk
+
+
+def test_doctests():
+    assert doctest.testmod(soft_mask_module, raise_on_error=True).attempted > 0
+
+
+@pytest.mark.parametrize("pattern", [Unstructured(), Blocks(2, 2)], ids=str)
+def test_two_layers_sharing_one_budget_match_soft_topk(pattern):
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(4, 6, generator=generator, requires_grad=True),
+               torch.randn(8, 4, generator=generator, requires_grad=True)]
+    upstream = [torch.randn(w.shape, generator=generator) for w in weights]
+    costs, density, beta = [1.0, 3.0], 0.3, 5.0
+    scores = [group_magnitudes(w, pattern) for w in weights]
+    flat_costs = torch.cat([torch.full_like(s, c) for s, c in zip(scores, costs, strict=True)]).detach()
+    reference = soft_topk(torch.cat(scores), density, beta, costs=flat_costs)
+    chunks = torch.split(reference, [s.numel() for s in scores])
+    expected = [pattern.expand(c, w.shape) for c, w in zip(chunks, weights, strict=True)]
+    loss = sum((w * m * g).sum() for w, m, g in zip(weights, expected, upstream, strict=True))
+    expected_grads = torch.autograd.grad(loss, weights)
+
+    threshold = soft_topk_threshold(torch.cat(scores).detach(), density, beta, flat_costs)
+    node = threshold_node(weights, pattern, threshold, beta, costs)
+    keep = [torch.rand(w.shape, generator=generator) < 0.5 for w in weights]  # any hard mask: passed straight through
+    effective = [spartan_weight(w, pattern, node, beta, h, c) for w, h, c in zip(weights, keep, costs, strict=True)]
+    for got, w, m, h in zip(effective, weights, expected, keep, strict=True):
+        torch.testing.assert_close(got, torch.where(h, w * m, 0.0), rtol=1e-5, atol=1e-6)
+    loss = sum((e * g).sum() for e, g in zip(effective, upstream, strict=True))
+    for got, want in zip(torch.autograd.grad(loss, weights), expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_one_threshold_node_serves_several_backwards():
+    w = torch.randn(20, requires_grad=True)
+    keep = hard_topk(w.detach().abs(), 0.5)
+    node = threshold_node([w], Unstructured(), soft_topk_threshold(w.detach().abs(), 0.5, 4.0), 4.0)
+    for _ in range(2):
+        spartan_weight(w, Unstructured(), node, 4.0, keep).sum().backward()
+    twice = w.grad.clone()
+    w.grad = None
+    spartan_weight(w, Unstructured(), node, 4.0, keep).sum().backward()
+    torch.testing.assert_close(twice, 2 * w.grad)
+
+
+def test_hard_topk_is_exact_and_cost_aware():
+    scores = torch.tensor([5.0, 4.0, 4.0, 1.0, 3.0])
+    assert hard_topk(scores, 0.4).tolist() == [True, True, False, False, False]  # ties: lower index
+    tied = torch.randint(0, 4, (1000,), generator=torch.Generator().manual_seed(0)).float()
+    for density in (0.0, 0.1, 0.37, 1.0):
+        expected = torch.zeros(1000, dtype=torch.bool)
+        expected[torch.sort(tied, descending=True, stable=True).indices[: round(density * 1000)]] = True
+        assert torch.equal(hard_topk(tied, density), expected)
+    costs = torch.tensor([4.0, 1.0, 1.0, 1.0, 1.0])  # unit values 1.25, 4, 4, 1, 3; budget 0.5 * 8 = 4
+    assert hard_topk(scores, 0.5, costs).tolist() == [False, True, True, False, True]  # cost 3, closest to 4
+
+
+def test_straight_through_mask_passes_or_masks_the_gradient():
+    x = torch.arange(1.0, 5.0, requires_grad=True)
+    keep, grad_keep = torch.tensor([True, False, False, True]), torch.tensor([True, True, False, True])
+    out = straight_through_mask(x, keep)
+    assert out.tolist() == [1.0, 0.0, 0.0, 4.0]
+    out.sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 1.0, 1.0]
+    x.grad = None
+    straight_through_mask(x, keep, grad_keep).sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 0.0, 1.0]
