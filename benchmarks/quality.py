@@ -3,7 +3,8 @@
     python benchmarks/quality.py --epochs 3 --densities 0.1 0.02
 
 Rows: dense; static sparse (ERK random mask, never updated); GMP (MagnitudePruning, ERK, cubic ramp over the
-first 60% of steps); SET, RigL, SNFS, MEST (presets, ERK). Later algorithms register more rows in ``VARIANTS``.
+first 60% of steps); SET, RigL, SNFS, MEST (presets, ERK); Spartan (global budget, sharpness 20, mask frozen for
+the last 20%); TopKAST (ERK, backward density 2x forward). Later algorithms register more rows in ``VARIANTS``.
 Prints a Markdown table for docs/BENCHMARKS.md. Every run uses the same seed, data order, model and epochs.
 """
 
@@ -25,6 +26,8 @@ from lightning_sparse.callbacks import (
     MagnitudePruning,
     RigL,
     SparsityScheduler,
+    Spartan,
+    TopKAST,
 )
 from lightning_sparse.data import FashionMNISTDataModule
 from lightning_sparse.models import SmallCNN
@@ -42,6 +45,8 @@ VARIANTS: dict[str, Callable[[float], list[Callback]]] = {
     "RigL": lambda d: [RigL(density=d)],
     "SNFS": lambda d: [SNFS(density=d)],
     "MEST": lambda d: [MEST(density=d)],
+    "Spartan": lambda d: [Spartan(density=d, sharpness=20.0, distribution="global", freeze_at=0.8)],
+    "TopKAST": lambda d: [TopKAST(density=d, backward_density=min(1.0, 2 * d), distribution="erk", update_every=10)],
 }
 
 

@@ -1,6 +1,7 @@
 """lightning_sparse: sparse training for PyTorch Lightning."""
 
 from lightning_sparse.core.soft_topk import soft_topk
+from lightning_sparse.export import export_sparse, load_sparse
 from lightning_sparse.masking import MaskState
 from lightning_sparse.mixins import SparseModuleMixin
 from lightning_sparse.nn import SparseLinear, to_sparse_inference
@@ -14,6 +15,8 @@ __all__ = [
     "SparseModuleMixin",
     "SparsityReport",
     "__version__",
+    "export_sparse",
+    "load_sparse",
     "soft_topk",
     "sparsity_report",
     "to_sparse_inference",

@@ -1,8 +1,10 @@
 """Lightning callbacks: every sparsity algorithm, the scheduler, monitoring, export and benchmarking."""
 
 from lightning_sparse.callbacks.base import SparsityCallback
+from lightning_sparse.callbacks.benchmark import KernelBenchmark
 from lightning_sparse.callbacks.dst import DynamicSparseTraining
 from lightning_sparse.callbacks.dst_presets import MEST, SET, SNFS, RigL
+from lightning_sparse.callbacks.export import SparseExport
 from lightning_sparse.callbacks.magnitude import MagnitudePruning
 from lightning_sparse.callbacks.masked import MaskedForwardCallback
 from lightning_sparse.callbacks.monitor import SparsityMonitor
@@ -14,6 +16,7 @@ from lightning_sparse.core.criteria import register_criterion
 
 __all__ = [
     "DynamicSparseTraining",
+    "KernelBenchmark",
     "MEST",
     "MagnitudePruning",
     "MaskedForwardCallback",
@@ -21,6 +24,7 @@ __all__ = [
     "RigL",
     "SET",
     "SNFS",
+    "SparseExport",
     "SparsityCallback",
     "SparsityMonitor",
     "SparsityScheduler",

@@ -1,0 +1,129 @@
+"""Export any algorithm's Lightning checkpoint: ``export_checkpoint`` and the ``python -m lightning_sparse.export`` CLI.
+
+Example::
+
+    python -m lightning_sparse.export --config configs/gmp.yaml --ckpt_path runs/gmp/last.ckpt \\
+        --out runs/gmp/export --pattern 32x32
+    python -m lightning_sparse.export --model lightning_sparse.models.SmallCNN --ckpt_path last.ckpt --out export
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule
+from rich.console import Console
+
+from lightning_sparse.export.manifest import Manifest
+from lightning_sparse.export.sparse_io import export_sparse
+
+
+def _from_config(config: str | Path, ckpt_path: str | Path) -> tuple[LightningModule, LightningDataModule | None]:
+    from lightning_sparse.cli import SparseCLI  # imports every callback, including the ones that import this module
+
+    with warnings.catch_warnings():  # called from a command line of its own: LightningCLI warns about sys.argv
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = SparseCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            seed_everything_default=0,
+            run=False,
+            args=["--config", str(config), "--trainer.logger=false"],
+        )
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
+    cli.model.load_state_dict(state, strict=True)
+    return cli.model, cli.datamodule
+
+
+def _from_class_path(class_path: str, ckpt_path: str | Path) -> LightningModule:
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError):
+        raise ValueError(f"model must be a YAML config file or an importable class path, got {class_path!r}") from None
+    if not (isinstance(cls, type) and issubclass(cls, LightningModule)):
+        raise TypeError(f"model class path {class_path!r} must name a LightningModule subclass, got {cls!r}")
+    return cls.load_from_checkpoint(ckpt_path, map_location="cpu")
+
+
+def _example_batch(model: LightningModule, datamodule: LightningDataModule | None) -> torch.Tensor | None:
+    if datamodule is not None:
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        batch = next(iter(datamodule.train_dataloader()))
+        return batch[0] if isinstance(batch, tuple | list) else batch
+    example = getattr(model, "example_input_array", None)
+    if isinstance(example, torch.Tensor):  # a random batch of its shape: zeros would only exercise the biases
+        return torch.randn_like(example) if example.is_floating_point() else example
+    return None
+
+
+def export_checkpoint(
+    ckpt_path: str | Path,
+    model: str | Path,
+    out_dir: str | Path,
+    pattern: str = "32x32",
+    include: Sequence[str] | None = None,
+    verify: bool = True,
+) -> Manifest:
+    """Exports a checkpoint of any algorithm: its model ``state_dict`` holds the dense weights with zeros.
+
+    Args:
+        ckpt_path: the Lightning checkpoint (``.ckpt``).
+        model: the run's YAML config (``lightning-sparse fit --config``; model and data are built from it and the
+            checkpoint's weights loaded strictly), or a LightningModule class path such as
+            ``"lightning_sparse.models.SmallCNN"`` (built by ``load_from_checkpoint`` from its hyperparameters).
+        out_dir: the export directory.
+        pattern: ``"RxC"``, ``"2:4"`` or ``"dense"``.
+        include: FQN globs of the Linear layers to convert (see :func:`export_sparse`).
+        verify: check the outputs on a real training batch (config), or on a random batch shaped like the model's
+            ``example_input_array`` (class path); skipped with a warning when neither exists.
+
+    Returns:
+        The written :class:`Manifest`.
+
+    Raises:
+        FileNotFoundError: if ``ckpt_path`` does not exist.
+        ValueError: if ``model`` is neither a config file nor an importable class path; as :func:`export_sparse`.
+        TypeError: if the class path is not a LightningModule.
+    """
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path {str(ckpt_path)!r} is not a file")
+    if Path(model).suffix in (".yaml", ".yml") or Path(model).is_file():
+        module, datamodule = _from_config(model, ckpt_path)
+    else:
+        module, datamodule = _from_class_path(str(model), ckpt_path), None
+    example = _example_batch(module, datamodule) if verify else None
+    if verify and example is None:
+        warnings.warn("export_checkpoint: no batch to verify the outputs on; exporting unverified", stacklevel=2)
+    return export_sparse(module, out_dir, pattern=pattern, include=include, example_input=example)
+
+
+def main(argv: Sequence[str] | None = None) -> Manifest:
+    """``python -m lightning_sparse.export``: parses the arguments, exports, prints the manifest's table."""
+    description = "Export a Lightning checkpoint of any sparsity algorithm to BSR / 2:4 / dense safetensors files."
+    parser = argparse.ArgumentParser(prog="python -m lightning_sparse.export", description=description)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="the run's YAML config (model and data)")
+    source.add_argument("--model", help="LightningModule class path, e.g. lightning_sparse.models.SmallCNN")
+    parser.add_argument("--ckpt_path", required=True, help="Lightning checkpoint to export")
+    parser.add_argument("--out", required=True, help="export directory")
+    parser.add_argument("--pattern", default="32x32", help='"RxC" blocks, "2:4" or "dense" (default 32x32)')
+    parser.add_argument("--include", nargs="*", default=None, help="FQN globs of the Linear layers to convert")
+    parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip the output check")
+    args = parser.parse_args(argv)
+    manifest = export_checkpoint(
+        args.ckpt_path, args.config or args.model, args.out, args.pattern, args.include, args.verify
+    )
+    error = (manifest.verification or {}).get("max_abs_error")
+    checked = "unverified" if error is None else f"verified, max abs error {error:.3g}"
+    text = f"exported to {args.out} ({checked})\n{manifest.summary()}"
+    Console(soft_wrap=True).print(text, markup=False, highlight=False)
+    return manifest

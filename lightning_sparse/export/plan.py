@@ -1,0 +1,170 @@
+"""Which layers an export converts, and why each other layer stays dense (pure: reads weights, changes nothing).
+
+Only ``nn.Linear`` layers are converted. With ``include=None`` every Linear that fits the pattern and holds zeros
+is converted; one that does not fit is left dense with a reason. A Linear named by ``include`` must fit. A Linear
+pruned in a way that breaks the pattern it is exported to (zeros, but not 2:4) is an error in both cases.
+
+Example::
+
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    >>> _ = model[0].weight.data[:, 32:].zero_()
+    >>> [(p.name, p.convert, p.reason) for p in plan_layers(model, "32x32")]
+    [('0', True, None), ('2', False, 'shape (10, 64) is not divisible by the block 32x32')]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_sparse.formats.bsr import parse_blocksize
+from lightning_sparse.formats.semi_structured import dense_to_sparse24
+
+PATTERNS_HELP = '"RxC" blocks (e.g. "32x32"), "2:4" or "dense"'
+
+
+@dataclass
+class LayerPlan:
+    """One layer's fate: ``convert`` it, or keep it dense for ``reason``; ``error`` stops the export."""
+
+    name: str
+    module: nn.Module
+    convert: bool = False
+    reason: str | None = None
+    error: str | None = None
+    stored_density: float | None = None
+
+    def entry(self) -> dict[str, Any]:
+        """The layer's record in the manifest."""
+        weight = self.module._parameters["weight"].detach()
+        return {
+            "param": f"{self.name}.weight" if self.name else "weight",
+            "type": type(self.module).__name__,
+            "shape": list(weight.shape),
+            "density": torch.count_nonzero(weight).item() / max(weight.numel(), 1),
+            "converted": self.convert,
+            "stored_density": self.stored_density if self.convert else None,
+            "reason": self.reason,
+        }
+
+
+def parse_export_pattern(pattern: str) -> tuple[str, tuple[int, int] | None]:
+    """``"dense"`` -> ``("dense", None)``, ``"2:4"`` -> ``("2:4", None)``, ``"RxC"`` -> ``("bsr", (R, C))``.
+
+    Raises:
+        ValueError: for any other pattern.
+    """
+    if pattern in ("dense", "2:4"):
+        return pattern, None
+    try:
+        return "bsr", parse_blocksize(pattern)
+    except ValueError:
+        raise ValueError(f"pattern must be {PATTERNS_HELP}, got {pattern!r}") from None
+
+
+def check_include(include: Sequence[str] | str | None) -> list[str] | None:
+    """Normalizes ``include`` (one glob or a list of globs) to a list.
+
+    Raises:
+        TypeError: if it is neither a string nor a sequence of strings.
+    """
+    if include is None:
+        return None
+    globs = [include] if isinstance(include, str) else include
+    if not isinstance(globs, Sequence) or not all(isinstance(g, str) for g in globs):
+        raise TypeError(f"include must be a glob string or a list of glob strings, got {include!r}")
+    return list(globs)
+
+
+def _weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module._parameters.get("weight"), torch.Tensor) and module._parameters["weight"].dim() >= 2
+    ]
+
+
+def _shape_problem(shape: tuple[int, ...], fmt: str, blocksize: tuple[int, int] | None) -> str | None:
+    n, k = shape
+    if fmt == "bsr" and (n % blocksize[0] or k % blocksize[1]):
+        return f"shape ({n}, {k}) is not divisible by the block {blocksize[0]}x{blocksize[1]}"
+    if fmt == "2:4" and k % 4:
+        return f"in_features {k} is not divisible by 4"
+    return None
+
+
+def _block_fraction(weight: torch.Tensor, blocksize: tuple[int, int]) -> float:
+    (n, k), (r, c) = weight.shape, blocksize
+    return (weight.reshape(n // r, r, k // c, c) != 0).any(dim=3).any(dim=1).float().mean().item()
+
+
+def _plan_linear(plan: LayerPlan, fmt: str, blocksize: tuple[int, int] | None, explicit: bool) -> None:
+    weight = plan.module.weight.detach()
+    problem = _shape_problem(tuple(weight.shape), fmt, blocksize)
+    if problem is None and fmt == "2:4" and ((weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1) > 2).any():
+        if not explicit and not (weight == 0).any():
+            plan.reason = "the weight has no zeros"
+            return
+        try:
+            dense_to_sparse24(weight)
+        except ValueError as err:  # the format names the first offending group
+            plan.error = str(err)
+            return
+    if problem is not None:
+        plan.error, plan.reason = (problem, None) if explicit else (None, problem)
+        return
+    plan.stored_density = 0.5 if fmt == "2:4" else _block_fraction(weight, blocksize)
+    if not explicit and plan.stored_density == 1.0:
+        plan.reason = f"every {blocksize[0]}x{blocksize[1]} block holds a non-zero: BSR would store the whole weight"
+        return
+    plan.convert = True
+
+
+def plan_layers(model: nn.Module, pattern: str, include: Sequence[str] | str | None = None) -> list[LayerPlan]:
+    """Plans the conversion of every layer with a 2-D (or larger) ``weight`` parameter, in module order.
+
+    Args:
+        model: the dense-with-zeros model.
+        pattern: ``"RxC"`` blocks, ``"2:4"`` or ``"dense"`` (nothing converted).
+        include: FQN globs of the Linear layers to convert, matched against the module name or ``<name>.weight``;
+            ``None``: every Linear that fits and holds zeros.
+
+    Returns:
+        One :class:`LayerPlan` per layer; plans with an ``error`` must stop an export.
+
+    Raises:
+        ValueError: on a bad ``pattern``, or an ``include`` glob that matches no ``nn.Linear``.
+        TypeError: if ``include`` is not a glob or a list of globs.
+    """
+    fmt, blocksize = parse_export_pattern(pattern)
+    include = check_include(include)
+    mha = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    out_projs = {f"{n}.out_proj" if n else "out_proj" for n in mha}
+    plans, used = [], set()
+    for name, module in _weight_layers(model):
+        plan = LayerPlan(name, module)
+        plans.append(plan)
+        globs = [g for g in include or () if fnmatchcase(name, g) or fnmatchcase(f"{name}.weight", g)]
+        if not isinstance(module, nn.Linear):
+            plan.reason = f"{type(module).__name__} layers are not converted (only nn.Linear)"
+            continue
+        used.update(globs)
+        if fmt == "dense":
+            plan.reason = "pattern 'dense' converts no layer"
+        elif name in out_projs:
+            plan.reason = "nn.MultiheadAttention.out_proj stays dense (MHA reads its weight directly)"
+            plan.error = plan.reason if globs else None
+        elif include is not None and not globs:
+            plan.reason = "not matched by include"
+        else:
+            _plan_linear(plan, fmt, blocksize, explicit=bool(globs))
+    unused = [g for g in include or () if g not in used]
+    if unused:
+        raise ValueError(f"include glob {unused[0]!r} matches no nn.Linear of the model")
+    return plans

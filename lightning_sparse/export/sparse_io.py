@@ -1,0 +1,209 @@
+"""``export_sparse`` writes a dense-with-zeros model as safetensors files; ``load_sparse`` reads them back.
+
+The export takes the model's weights with zeros and nothing else: it never knows which algorithm pruned them.
+The directory layout is described in :mod:`lightning_sparse.export.manifest`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_model, save_file, save_model
+from torch import Tensor, nn
+
+from lightning_sparse.export.manifest import COMPONENTS, MANIFEST_FILE, MODEL_FILE, SPARSE_FILE, Manifest
+from lightning_sparse.export.plan import LayerPlan, parse_export_pattern, plan_layers
+from lightning_sparse.export.verify import check_example_input, tolerances, verify_outputs
+from lightning_sparse.formats.bsr import BSRWeight, check_bsr, dense_to_bsr
+from lightning_sparse.formats.semi_structured import dense_to_sparse24
+from lightning_sparse.nn.sparse_linear import SparseLinear
+
+__all__ = ["export_sparse", "load_sparse"]
+
+
+def _check_model(model: nn.Module) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _components(plan: LayerPlan, fmt: str, blocksize: tuple[int, int] | None) -> dict[str, Tensor]:
+    weight = plan.module.weight.detach()
+    parts = dense_to_bsr(weight, blocksize)[:3] if fmt == "bsr" else dense_to_sparse24(weight)[:2]
+    param = plan.entry()["param"]
+    return {f"{param}.{name}": t.cpu().contiguous() for name, t in zip(COMPONENTS[fmt], parts, strict=True)}
+
+
+def _dtype_name(model: nn.Module, plans: list[LayerPlan]) -> str:
+    weights = [p.module.weight for p in plans if p.convert] or [p for p in model.parameters() if p.is_floating_point()]
+    return str(weights[0].dtype).removeprefix("torch.") if weights else "float32"
+
+
+def export_sparse(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    pattern: str = "32x32",
+    include: Sequence[str] | str | None = None,
+    example_input: Tensor | tuple[Tensor, ...] | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+) -> Manifest:
+    """Writes ``model`` (dense weights with zeros) to the directory ``path`` and returns the :class:`Manifest`.
+
+    Writes ``model.safetensors`` (the full ``state_dict``), ``sparse.safetensors`` (the converted Linear weights,
+    keyed by parameter FQN) and, last, ``manifest.json``. Which layers convert is decided by
+    :func:`~lightning_sparse.export.plan.plan_layers`; the manifest records the reason for every other layer.
+    With ``example_input``, the model with its layers read back from ``sparse.safetensors`` must reproduce the
+    dense model's outputs on that batch before the manifest is written. The model is not changed.
+
+    Args:
+        model: the dense-with-zeros model.
+        path: output directory (created; files of a previous export are overwritten).
+        pattern: ``"RxC"`` BSR blocks (``"32x32"``), ``"2:4"``, or ``"dense"`` (only ``model.safetensors``).
+        include: FQN globs of the Linear layers to convert (module name or ``<name>.weight``); each matched
+            layer must fit the pattern. ``None``: every Linear that fits and holds zeros.
+        example_input: a real batch (Tensor or tuple of positional inputs) to verify the outputs on.
+        rtol: relative tolerance of the check (default per dtype, see :data:`~.verify.DEFAULT_TOLERANCES`).
+        atol: absolute tolerance of the check (default per dtype).
+
+    Returns:
+        The manifest that was written (``manifest.verification`` holds the check's numbers).
+
+    Raises:
+        TypeError: if ``model`` is not a Module, or ``include`` or ``example_input`` has the wrong type.
+        ValueError: on a bad ``pattern`` or tolerance, an ``include`` glob matching no Linear, an included layer
+            that does not fit the pattern, a layer whose weight breaks the 2:4 pattern, or outputs that differ.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+        >>> _ = model[0].weight.data[:, 32:].zero_()
+        >>> import tempfile; out = tempfile.mkdtemp()
+        >>> manifest = export_sparse(model, out, pattern="32x32", example_input=torch.randn(8, 64))
+        >>> manifest.converted, manifest.skipped
+        (['0'], {'2': 'shape (10, 64) is not divisible by the block 32x32'})
+        >>> type(load_sparse(out, model)[0]).__name__
+        'SparseLinear'
+    """
+    _check_model(model)
+    tolerances(torch.float32, rtol, atol)
+    if example_input is not None:
+        check_example_input(example_input)
+    plans = plan_layers(model, pattern, include)
+    failed = next((p for p in plans if p.error), None)
+    if failed is not None:
+        shape = tuple(failed.module.weight.shape)
+        raise ValueError(f"cannot export layer {failed.name!r} (weight {shape}) as pattern {pattern!r}: {failed.error}")
+    fmt, blocksize = parse_export_pattern(pattern)
+    dirpath = Path(path)
+    dirpath.mkdir(parents=True, exist_ok=True)
+    (dirpath / MANIFEST_FILE).unlink(missing_ok=True)  # a failed export must not look finished
+    save_model(model, str(dirpath / MODEL_FILE), force_contiguous=True)
+    tensors = {k: v for p in plans if p.convert for k, v in _components(p, fmt, blocksize).items()}
+    save_file(tensors, str(dirpath / SPARSE_FILE), metadata={"format": fmt})
+    manifest = Manifest(
+        format=fmt,
+        pattern=pattern,
+        blocksize=blocksize,
+        n_m=(2, 4) if fmt == "2:4" else None,
+        dtype=_dtype_name(model, plans),
+        layers={p.name: p.entry() for p in plans},
+    )
+    if example_input is not None:
+        layers = sparse_layers(dirpath, manifest, model)
+        manifest.verification = verify_outputs(model, layers, example_input, rtol, atol)
+    manifest.write(dirpath)
+    return manifest
+
+
+def check_layers(manifest: Manifest, model: nn.Module) -> None:
+    """Checks that ``model`` has every layer of ``manifest`` with the recorded weight shape.
+
+    Raises:
+        ValueError: naming the first missing layer or the first shape that differs.
+    """
+    for name, entry in manifest.layers.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the model has no layer {name!r}, which the export's manifest lists") from None
+        weight = module._parameters.get("weight")
+        shape = None if weight is None else list(weight.shape)
+        if shape != entry["shape"]:
+            raise ValueError(
+                f"layer {name!r} ({type(module).__name__}) has weight shape {shape} but the manifest records "
+                f"{entry['shape']}: the export was made from another model"
+            )
+        if entry["converted"] and not isinstance(module, nn.Linear):
+            raise ValueError(f"layer {name!r} is converted in the export but is a {type(module).__name__}, not Linear")
+
+
+def _read_layer(reader, manifest: Manifest, name: str, linear: nn.Linear) -> SparseLinear:
+    param, weight = manifest.layers[name]["param"], linear.weight
+    state, stored = {}, set(reader.keys())
+    for component in COMPONENTS[manifest.format]:
+        key = f"{param}.{component}"
+        if key not in stored:
+            raise ValueError(f"{SPARSE_FILE} has no tensor {key!r}, which layer {name!r} needs")
+        tensor = reader.get_tensor(key).to(weight.device)
+        state[component] = tensor.to(weight.dtype) if component == "values" else tensor
+    if manifest.format == "bsr":
+        check_bsr(BSRWeight(state["crow_indices"], state["col_indices"], state["values"], tuple(weight.shape)))
+    sparse = SparseLinear(
+        linear.in_features,
+        linear.out_features,
+        manifest.format,
+        manifest.blocksize or 1,
+        linear.bias is not None,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
+    if linear.bias is not None:
+        state["bias"] = linear.bias.detach().clone()
+    sparse.load_state_dict(state)
+    return sparse
+
+
+def sparse_layers(path: str | Path, manifest: Manifest, model: nn.Module) -> dict[str, SparseLinear]:
+    """The converted layers of an export as :class:`SparseLinear` (biases, device and dtype from ``model``).
+
+    Raises:
+        ValueError: if ``sparse.safetensors`` lacks a tensor a layer needs or its BSR components disagree.
+    """
+    with safe_open(str(Path(path) / SPARSE_FILE), framework="pt") as reader:
+        return {name: _read_layer(reader, manifest, name, model.get_submodule(name)) for name in manifest.converted}
+
+
+def load_sparse(path: str | Path, model: nn.Module) -> nn.Module:
+    """Loads an export into ``model``: its full ``state_dict`` (strict), then its converted Linear layers.
+
+    The converted layers become :class:`~lightning_sparse.nn.SparseLinear` built from ``sparse.safetensors``
+    without re-converting anything; ``model`` is changed in place.
+
+    Args:
+        path: an export directory written by :func:`export_sparse`.
+        model: a model of the exported architecture (plain ``nn.Linear`` layers).
+
+    Returns:
+        ``model`` (or the :class:`SparseLinear` when ``model`` itself is the converted Linear).
+
+    Raises:
+        TypeError: if ``model`` is not a Module.
+        FileNotFoundError: if the manifest or a safetensors file is missing.
+        ValueError: on a manifest from a newer format version, a model whose layers or shapes differ from the
+            manifest, or an incomplete ``sparse.safetensors``.
+        RuntimeError: if ``model.safetensors`` does not load strictly into ``model``.
+    """
+    _check_model(model)
+    manifest = Manifest.read(path)
+    check_layers(manifest, model)
+    load_model(model, str(Path(path) / MODEL_FILE), strict=True)
+    for name, layer in sparse_layers(path, manifest, model).items():
+        if not name:
+            return layer
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+    return model

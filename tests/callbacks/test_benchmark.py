@@ -1,0 +1,75 @@
+import json
+import math
+import pickle
+
+import lightning.pytorch as pl
+import pytest
+
+from lightning_sparse.callbacks import KernelBenchmark, MagnitudePruning
+from tests.harness import harness_data, plain_model
+
+FAST = {"warmup": 0.5, "rep": 2.0}
+
+
+def fit(root, *callbacks):
+    trainer = pl.Trainer(
+        max_steps=2, callbacks=list(callbacks), accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+    )
+    trainer.fit(plain_model(), harness_data())
+    return trainer
+
+
+def positive(value):
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+def test_writes_a_ratio_per_layer_on_cpu(tmp_path, capsys):
+    benchmark = KernelBenchmark(dirpath=tmp_path / "bench", pattern="4x4", **FAST)
+    fit(tmp_path, MagnitudePruning(density=0.25, pattern="4x4"), benchmark)
+    results = json.loads((tmp_path / "bench" / "kernel_benchmark.json").read_text())
+    assert results == json.loads(json.dumps(benchmark.results))
+    assert results["device"] == "cpu" and results["pattern"] == "4x4"
+    rows = {row["name"]: row for row in results["layers"]}
+    assert rows["conv"]["reason"] == "Conv1d layers are not converted (only nn.Linear)"
+    assert "speedup" not in rows["conv"]
+    for name in ("body.0", "body.2", "head"):
+        row = rows[name]
+        assert row["tokens"] == 16 and row["errors"] == {}  # a batch of 16 rows of the real data
+        assert set(row["times_ms"]) == {"dense F.linear", "SparseLinear"}
+        assert all(map(positive, row["times_ms"].values()))
+        assert positive(row["speedup"]) and row["faster"] == (row["speedup"] > 1)
+    assert positive(results["linear_speedup"]) and positive(results["model"]["speedup"])
+    assert results["model"]["inputs"] == 16
+    out = capsys.readouterr().out
+    assert "KernelBenchmark on cpu" in out and "whole model on cpu (batch of 16)" in out
+
+
+def test_tokens_override_and_not_divisible_layers(tmp_path):
+    benchmark = KernelBenchmark(dirpath=tmp_path, tokens=5, pattern="16x16", **FAST)
+    fit(tmp_path, MagnitudePruning(density=0.5, pattern="16x16", include=["body.*.weight"]), benchmark)
+    rows = {row["name"]: row for row in benchmark.results["layers"]}
+    assert rows["body.0"]["tokens"] == rows["body.2"]["tokens"] == 5
+    assert rows["head"]["reason"] == "shape (8, 32) is not divisible by the block 16x16"
+
+
+def test_without_a_batch_it_needs_tokens(tmp_path):
+    trainer = pl.Trainer(logger=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"KernelBenchmark needs tokens=\.\.\. when the train dataloader yields no"):
+        KernelBenchmark(pattern="4x4", **FAST).benchmark(trainer, plain_model())
+
+
+def test_argument_errors():
+    with pytest.raises(ValueError, match=r'pattern must be "RxC" blocks or "2:4" \(there is nothing to time'):
+        KernelBenchmark(pattern="dense")
+    with pytest.raises(ValueError, match=r'pattern must be "RxC" blocks .* got \'x\''):
+        KernelBenchmark(pattern="x")
+    with pytest.raises(ValueError, match="tokens must be >= 1, got 0"):
+        KernelBenchmark(tokens=0)
+    with pytest.raises(TypeError, match="tokens must be an int, got float"):
+        KernelBenchmark(tokens=1.5)
+    with pytest.raises(ValueError, match=r"warmup must be >= 0 and rep > 0 \(milliseconds\), got warmup=1, rep=0"):
+        KernelBenchmark(warmup=1, rep=0)
+    with pytest.raises(ValueError, match=r"dtype must be one of \('float32', 'float16', 'bfloat16'\) or None"):
+        KernelBenchmark(dtype="half")
+    assert pickle.loads(pickle.dumps(KernelBenchmark(tokens=3))).tokens == 3
