@@ -10,7 +10,9 @@ from lightning_sparse.callbacks.masked import MaskedForwardCallback
 from lightning_sparse.callbacks.monitor import SparsityMonitor
 from lightning_sparse.callbacks.nm import NMSparsity
 from lightning_sparse.callbacks.scheduler import SparsityScheduler
+from lightning_sparse.callbacks.sparsegpt import SparseGPT
 from lightning_sparse.callbacks.spartan import Spartan
+from lightning_sparse.callbacks.supermask import Supermask
 from lightning_sparse.callbacks.topkast import TopKAST
 from lightning_sparse.core.criteria import register_criterion
 
@@ -25,10 +27,12 @@ __all__ = [
     "SET",
     "SNFS",
     "SparseExport",
+    "SparseGPT",
     "SparsityCallback",
     "SparsityMonitor",
     "SparsityScheduler",
     "Spartan",
+    "Supermask",
     "TopKAST",
     "register_criterion",
 ]

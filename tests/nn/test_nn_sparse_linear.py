@@ -45,18 +45,14 @@ def test_cpu_forward_fp16(fmt):
     torch.testing.assert_close(y, linear.float()(x.float()).half(), atol=1e-2, rtol=1e-2)
 
 
-def test_bsr_cpu_path_uses_torch_sparse_bsr(monkeypatch):
-    layouts = []
-    original = torch.addmm
-
-    def spy(bias, weight, x):
-        layouts.append(weight.layout)
-        return original(bias, weight, x)
-
-    monkeypatch.setattr(sparse_linear_module.torch, "addmm", spy)
-    sparse = SparseLinear.from_dense(pruned_linear(), blocksize=16)
-    sparse(torch.randn(3, 64))
-    assert layouts == [torch.sparse_bsr]
+@pytest.mark.parametrize(("chunk_elements", "max_tokens"), [(1, 64), (1 << 22, 64), (1 << 22, 0)])
+def test_bsr_cpu_paths_match_dense(monkeypatch, chunk_elements, max_tokens):
+    monkeypatch.setattr(sparse_linear_module, "_GATHER_ELEMENTS", chunk_elements)  # 1: one token per chunk
+    monkeypatch.setattr(sparse_linear_module, "GATHER_MAX_TOKENS", max_tokens)  # 0: MKL path
+    linear = pruned_linear()
+    sparse = SparseLinear.from_dense(linear, blocksize=16)
+    x = torch.randn(2, 5, 64)
+    torch.testing.assert_close(sparse(x), linear(x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(not has_triton(), reason="triton is not installed")

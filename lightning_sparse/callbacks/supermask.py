@@ -1,0 +1,258 @@
+r"""``Supermask``: learned tile scores with a straight-through estimator, as in SuperBlock.
+
+Sources: SuperBlock (https://github.com/pytorch-labs/superblock); the supermask idea from Zhou, Lan, Liu & Yosinski
+2019 (https://arxiv.org/abs/1905.01067) and Ramanujan et al. 2020, "What's hidden in a randomly weighted neural
+network?" (https://arxiv.org/abs/1911.13299). Each target weight :math:`w` (matrix view ``(out, -1)``) gets one learned
+score :math:`s_t` per ``R x C`` tile :math:`t`. The forward keeps the layer's top-scoring tiles and trains the weights
+and the scores together:
+
+.. math::
+
+    \tilde w = w \odot E(h), \qquad h = \mathrm{top}_{k}(s),\ k = \mathrm{round}(D \cdot \#\mathrm{tiles}), \qquad
+    \frac{\partial L}{\partial s_t} = \sum_{(i, j) \in t} w_{ij} \frac{\partial L}{\partial \tilde w_{ij}}, \qquad
+    \frac{\partial L}{\partial w} = E(h) \odot \frac{\partial L}{\partial \tilde w},
+
+where :math:`E` expands a tile mask to elements and :math:`D` is the layer's density. The score gradient is the
+straight-through estimate: :math:`\partial L / \partial E(h) = w \odot \partial L / \partial \tilde w`, passed to
+:math:`s` as if :math:`h` were :math:`s`, summed over each tile. Ties go to the lower tile index.
+
+The scores are parameters named ``<attr>_supermask_scores`` on the module that owns each target (e.g.
+``blocks.0.attn.in_proj_weight_supermask_scores``), registered in ``setup``, before ``configure_optimizers``, so the
+run's optimizer updates them (build it from ``self.parameters()``; checked at train start). State-dict hooks leave
+them out of ``model.state_dict()`` and let the model load a state dict without them, so a checkpoint's model keys stay
+the plain model's. The callback's own state holds their values. Their optimizer state goes through Lightning's
+optimizer checkpointing, so a resumed run continues exactly. :meth:`Supermask.bake` (at train end) writes
+:math:`\tilde w` into the weights, then removes the hooks and the score parameters. The optimizer still holds the
+removed scores, so do not step it after ``bake``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_sparse.callbacks.masked import MaskedForwardCallback
+from lightning_sparse.core.masks import topk_mask
+from lightning_sparse.core.patterns import Blocks, as_matrix_shape
+
+SUFFIX = "_supermask_scores"
+SCORE_INITS = ("kaiming_uniform", "magnitude")
+_TILE_RE = re.compile(r"^(\d+)(?:x(\d+))?$")
+
+
+def parse_tile_size(tile_size: int | str) -> Blocks:
+    """``16`` or ``"16"`` -> 16x16 tiles, ``"8x32"`` -> 8x32 tiles.
+
+    Example::
+
+        >>> parse_tile_size("8x32"), parse_tile_size(16)
+        (Blocks(rows=8, cols=32), Blocks(rows=16, cols=16))
+
+    Raises:
+        TypeError: when ``tile_size`` is neither an int nor a string.
+        ValueError: for any other string or a side below 1.
+    """
+    if isinstance(tile_size, bool) or not isinstance(tile_size, int | str):
+        raise TypeError(f"tile_size must be an int or an 'RxC' string, got {type(tile_size).__name__}: {tile_size!r}")
+    match = _TILE_RE.match(str(tile_size).strip().lower()) if isinstance(tile_size, str) else None
+    if isinstance(tile_size, str) and match is None:
+        raise ValueError(f"tile_size must be an int or an 'RxC' string such as '16x16' or '8x32', got {tile_size!r}")
+    rows, cols = (tile_size, tile_size) if match is None else (int(match[1]), int(match[2] or match[1]))
+    if rows < 1 or cols < 1:
+        raise ValueError(f"tile_size sides must be >= 1, got {tile_size!r}")
+    return Blocks(rows, cols)
+
+
+def tile_sums(x: Tensor, tiles: Blocks) -> Tensor:
+    """Sum of ``x`` over each tile of its matrix view: a float32 ``(rows / R, cols / C)`` grid."""
+    n_rows, n_cols = as_matrix_shape(x.shape)
+    return x.float().reshape(n_rows // tiles.rows, tiles.rows, n_cols // tiles.cols, tiles.cols).sum(dim=(1, 3))
+
+
+class _TileMask(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight: Tensor, scores: Tensor, keep: Tensor, tiles: Blocks) -> Tensor:
+        ctx.save_for_backward(weight, keep)
+        ctx.tiles, ctx.scores_dtype = tiles, scores.dtype
+        return torch.where(keep, weight, weight.new_zeros(()))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        weight, keep = ctx.saved_tensors
+        grad_weight = torch.where(keep, grad, grad.new_zeros(())) if ctx.needs_input_grad[0] else None
+        grad_scores = tile_sums(grad * weight, ctx.tiles).to(ctx.scores_dtype) if ctx.needs_input_grad[1] else None
+        return grad_weight, grad_scores, None, None
+
+
+def supermask_weight(weight: Tensor, scores: Tensor, keep: Tensor, tiles: Blocks) -> Tensor:
+    r"""``weight`` where ``keep`` (its element mask) and 0 elsewhere; ``scores`` (one per tile) get the
+    straight-through gradient :math:`\sum_{t} w \odot \partial L / \partial \tilde w` (see the module docstring)."""
+    return _TileMask.apply(weight, scores, keep, tiles)
+
+
+class _OmitScores:
+    """State-dict hooks of one module: ``state_dict()`` leaves out its scores; ``load_state_dict`` accepts a state
+    dict without them (they keep their values)."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = tuple(names)
+        self._absent: list[str] = []
+
+    def __call__(self, module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+        for name in self.names:
+            state_dict.pop(prefix + name, None)
+
+    def note_absent(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        self._absent = [prefix + name for name in self.names if prefix + name not in state_dict]
+
+    def allow_absent(self, module: nn.Module, incompatible_keys: Any) -> None:
+        missing = incompatible_keys.missing_keys
+        missing[:] = [key for key in missing if key not in self._absent]
+        self._absent = []
+
+
+class Supermask(MaskedForwardCallback):
+    r"""SuperBlock's Supermask: learned tile scores, hard top-k forward, straight-through gradient.
+
+    See the module docstring for the math and for where the scores live. Masks follow the scores after every optimizer
+    step (exactly ``round(density * tiles)`` tiles per layer); the weights stay dense until :meth:`bake`.
+
+    Args:
+        density: fraction of each layer's tiles kept, in (0, 1]; ``None`` when a
+            :class:`~lightning_sparse.callbacks.SparsityScheduler` gives it.
+        tile_size: tile side (``16``) or ``"RxC"`` (``"16x16"``, ``"8x32"``); it must divide every target's
+            matrix view. Use the same blocks for BSR export.
+        include: glob patterns of parameter names to sparsify (default: Linear, Conv and attention weights,
+            ``out_proj`` included).
+        exclude: glob patterns of parameter names to leave dense.
+        skip_first: leave the first target dense.
+        skip_last: leave the last target dense.
+        score_init: ``"kaiming_uniform"`` (SuperBlock: :math:`U(-1/\sqrt{n}, 1/\sqrt{n})`, :math:`n` = tiles per
+            row) or ``"magnitude"`` (each tile's mean :math:`|w|`: the first mask is the magnitude top-k).
+        seed: seed of the generator that draws the initial scores (identical on every rank).
+        bake_at_end: write the masked weights into the parameters and drop the scores when training ends.
+
+    Raises:
+        ValueError: for a density outside (0, 1], a bad ``tile_size`` string, an unknown ``score_init``; in
+            ``setup``, a tile that does not divide a target (naming it and its shape); at train start, scores that
+            no optimizer updates.
+        TypeError: for a ``tile_size`` that is neither an int nor a string, or other mistyped arguments.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from lightning_sparse.callbacks import Supermask
+
+        trainer = Trainer(max_epochs=10, callbacks=[Supermask(density=0.2, tile_size=16, exclude=["head.weight"])])
+    """
+
+    def __init__(
+        self,
+        density: float | None = None,
+        tile_size: int | str = 16,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        skip_first: bool = False,
+        skip_last: bool = False,
+        score_init: str = "kaiming_uniform",
+        seed: int = 0,
+        bake_at_end: bool = True,
+    ) -> None:
+        tiles = parse_tile_size(tile_size)
+        if score_init not in SCORE_INITS:
+            raise ValueError(f"score_init must be one of {SCORE_INITS}, got {score_init!r}")
+        super().__init__(density, str(tiles), "uniform", include, exclude, skip_first, skip_last, 1, seed, bake_at_end)
+        self.tile_size, self.score_init = tile_size, score_init
+        self.scores: dict[str, Tensor] = {}
+        self._owners: dict[str, tuple[nn.Module, str]] = {}
+        self._hooks: list[RemovableHandle] = []
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.remove_scores()
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self._add_scores(pl_module)
+
+    def initial_scores(self, weight: Tensor) -> Tensor:
+        """One score per tile of ``weight`` (CPU, float32) by ``score_init``; random draws use the generator."""
+        if self.score_init == "magnitude":
+            return tile_sums(weight.detach().abs(), self.pattern).cpu() / (self.pattern.rows * self.pattern.cols)
+        n_rows, n_cols = as_matrix_shape(weight.shape)
+        scores = torch.empty(n_rows // self.pattern.rows, n_cols // self.pattern.cols)
+        return nn.init.kaiming_uniform_(scores, a=math.sqrt(5), generator=self.generator)
+
+    def _add_scores(self, pl_module: pl.LightningModule) -> None:
+        per_owner: dict[str, list[str]] = {}
+        self.scores = {}
+        for name, weight in self.masks.params.items():
+            owner_path, _, attr = name.rpartition(".")
+            owner, score_name = pl_module.get_submodule(owner_path), attr + SUFFIX
+            if hasattr(owner, score_name):
+                raise ValueError(f"Supermask: {owner_path or 'the model'} already has an attribute {score_name!r}")
+            scores = nn.Parameter(self.initial_scores(weight).to(device=weight.device, dtype=weight.dtype))
+            owner.register_parameter(score_name, scores)
+            self.scores[name], self._owners[name] = scores, (owner, score_name)
+            per_owner.setdefault(owner_path, []).append(score_name)
+        for owner_path, names in per_owner.items():
+            owner, hooks = pl_module.get_submodule(owner_path), _OmitScores(names)
+            self._hooks += [owner.register_state_dict_post_hook(hooks),
+                            owner.register_load_state_dict_pre_hook(hooks.note_absent),
+                            owner.register_load_state_dict_post_hook(hooks.allow_absent)]
+
+    def remove_scores(self) -> None:
+        """Remove the score parameters and their state-dict hooks from the model; :attr:`scores` keeps their
+        values (detached) for the callback's state."""
+        for owner, score_name in self._owners.values():
+            if score_name in owner._parameters:
+                delattr(owner, score_name)
+        for handle in self._hooks:
+            handle.remove()
+        self.scores = {name: scores.detach() for name, scores in self.scores.items()}
+        self._owners, self._hooks = {}, []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        optimized = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+        missing = [name + SUFFIX for name, scores in self.scores.items() if id(scores) not in optimized]
+        if missing:
+            raise ValueError(
+                f"Supermask: no optimizer updates the tile scores {missing}; build the optimizer from "
+                "self.parameters() in configure_optimizers (the callback registers the scores in setup)"
+            )
+        super().on_train_start(trainer, pl_module)
+
+    def compute_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, Tensor]:
+        densities = self.layer_densities(step)
+        masks = {}
+        for name, scores in self.scores.items():
+            keep = topk_mask(scores.detach().reshape(-1), round(densities[name] * scores.numel()))
+            masks[name] = self.pattern.expand(keep, tuple(self.masks.params[name].shape))
+        return masks
+
+    def effective_weight(self, name: str, weight: Tensor) -> Tensor:
+        return supermask_weight(weight, self.scores[name], self.masks.masks[name], self.pattern)
+
+    @torch.no_grad()
+    def bake(self) -> None:
+        """Write the masked weights into the parameters, remove the hooks and the score parameters (do not step the
+        optimizer afterwards: it still holds the removed scores)."""
+        super().bake()
+        self.remove_scores()
+
+    def extra_state_dict(self) -> dict[str, Any]:
+        return {"scores": {name: scores.detach().cpu().clone() for name, scores in self.scores.items()}}
+
+    @torch.no_grad()
+    def load_extra_state_dict(self, state: dict[str, Any]) -> None:
+        stored = state.get("scores", {})
+        if set(stored) != set(self.scores):
+            raise ValueError(f"the checkpoint holds Supermask scores for {sorted(stored)}, not {sorted(self.scores)}")
+        for name, values in stored.items():
+            self.scores[name].copy_(values)
