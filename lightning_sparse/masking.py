@@ -1,7 +1,7 @@
-"""``MaskState``: the boolean masks of a set of parameters, and what they do to weights, gradients and optimizers.
+"""``MaskState``: the boolean masks of a set of parameters, and what they do to weights and optimizer state.
 
 Masks are keyed by parameter name (FQN). Parameters are never renamed or re-parametrised: a masked weight is
-physically zero, its gradient is masked before the optimizer step and the weight is re-zeroed after it.
+physically zero: it is re-zeroed after every optimizer step, and optimizer state is cleared where a mask changes.
 
 Example::
 
@@ -62,14 +62,6 @@ class MaskState:
         params, multipliers = self._masked()
         if params:
             torch._foreach_mul_([p.data for p in params], multipliers)
-
-    @torch.no_grad()
-    def mask_grads(self) -> None:
-        """Zero the gradients of masked-out weights (parameters without a gradient are skipped)."""
-        pairs = [(p.grad, m) for p, m in zip(*self._masked(), strict=True) if p.grad is not None]
-        if pairs:
-            grads, multipliers = zip(*pairs, strict=True)
-            torch._foreach_mul_(list(grads), list(multipliers))
 
     @torch.no_grad()
     def clear_optimizer_state(
