@@ -1,5 +1,6 @@
 """lightning_sparse: sparse training for PyTorch Lightning."""
 
+from lightning_sparse.callbacks.sparsegpt import sparsegpt_
 from lightning_sparse.core.soft_topk import soft_topk
 from lightning_sparse.export import export_sparse, load_sparse
 from lightning_sparse.masking import MaskState
@@ -18,6 +19,7 @@ __all__ = [
     "export_sparse",
     "load_sparse",
     "soft_topk",
+    "sparsegpt_",
     "sparsity_report",
     "to_sparse_inference",
 ]

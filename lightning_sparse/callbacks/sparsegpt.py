@@ -1,0 +1,249 @@
+r"""SparseGPT: one-shot, data-driven pruning with OBS weight updates, unstructured or N:M.
+
+Frantar & Alistarh 2023, https://arxiv.org/abs/2301.00774. Each target weight :math:`W` is pruned by
+:func:`~lightning_sparse.core.obs.obs_prune` against the Hessian of its layer-wise reconstruction error,
+
+.. math::
+
+    H = \frac{2}{n} \sum_{i=1}^{n} x_i x_i^\top \qquad \text{(the } n \text{ input rows the weight multiplies)},
+
+accumulated from real calibration batches through forward hooks (:mod:`lightning_sparse.layer_inputs`: Linear,
+Conv1d/2d, MultiheadAttention projections including ``out_proj``). The compensating updates of the kept weights are
+written back into the model. With ``sequential=True`` the layers are pruned one at a time in forward order, the
+calibration batches re-run for each, so every layer's Hessian comes from the outputs of the already-pruned layers
+before it; ``sequential=False`` takes every Hessian from one pass of the dense model. Under DDP the Hessians and
+token counts are summed over ranks, so every rank computes the same masks and weights.
+
+:func:`sparsegpt_` works on any ``nn.Module``; :class:`SparseGPT` runs it inside Lightning and keeps the masks.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from rich.progress import track
+from torch import Tensor, nn
+
+from lightning_sparse.callbacks.base import SparsityCallback, _check_int
+from lightning_sparse.core.obs import check_budget, obs_prune
+from lightning_sparse.core.patterns import NM
+from lightning_sparse.core.targets import select_targets
+from lightning_sparse.layer_inputs import Forward, collect_hessians, forward_order, input_kinds
+
+
+def default_forward(model: nn.Module, batch: Any) -> None:
+    """``model(batch[0])`` for a tuple/list batch, else ``model(batch)``; tensors moved to the model's device."""
+    x = batch[0] if isinstance(batch, tuple | list) else batch
+    device = next(model.parameters()).device
+    model(x.to(device) if isinstance(x, Tensor) else x)
+
+
+def _check_damp(damp: float) -> float:
+    if isinstance(damp, bool) or not isinstance(damp, int | float) or not damp >= 0:
+        raise ValueError(f"damp must be a number >= 0 (relative to the mean Hessian diagonal), got {damp!r}")
+    return float(damp)
+
+
+@torch.no_grad()
+def prune_layers(model: nn.Module, names: Sequence[str], batches: list, forward: Forward, *, density: float | None,
+                 nm: NM | None, block_size: int, damp: float, sequential: bool, progress: bool) -> dict[str, Tensor]:
+    """:func:`sparsegpt_` on already-checked arguments and target names (the model runs in eval mode)."""
+    params = dict(model.named_parameters())
+    training = model.training
+    model.eval()
+    try:
+        order = forward_order(model, names, batches[0], forward)
+        hessians = {} if sequential else collect_hessians(model, order, batches, forward)
+        masks = {}
+        show = progress and (not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0)
+        for name in track(order, description="SparseGPT", transient=True, disable=not show):
+            hessian = collect_hessians(model, [name], batches, forward)[name] if sequential else hessians.pop(name)
+            weight, masks[name] = obs_prune(params[name], hessian, density, nm, block_size, damp, name)
+            params[name].copy_(weight)
+    finally:
+        model.train(training)
+    return {name: masks[name] for name in names}
+
+
+def sparsegpt_(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    density: float | None = None,
+    nm: str | None = None,
+    block_size: int = 128,
+    damp: float = 0.01,
+    sequential: bool = True,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    forward: Forward | None = None,
+    progress: bool = True,
+) -> dict[str, Tensor]:
+    """Prune ``model`` in place with SparseGPT; returns the boolean masks by parameter name.
+
+    Args:
+        model: any module; its target weights are overwritten with the pruned, OBS-updated weights.
+        batches: calibration batches (iterated once per target when ``sequential``).
+        density: fraction of weights kept per layer (unstructured), exactly ``round(density * numel)``.
+        nm: ``"N:M"`` such as ``"2:4"``: ``N`` kept in every ``M`` consecutive inputs.
+        block_size: columns per lazy OBS block.
+        damp: Hessian dampening relative to its mean diagonal (retried x10 when not positive definite).
+        sequential: prune layer by layer in forward order, each seeing the already-pruned layers before it.
+        include: glob patterns of parameter names (default: Linear, Conv and attention weights).
+        exclude: glob patterns of parameter names to keep dense.
+        forward: ``forward(model, batch)`` runs one batch; default :func:`default_forward`.
+        progress: show a progress bar over the layers (rank zero only).
+
+    Raises:
+        ValueError: no batches; both or neither of ``density``/``nm``; a bad density or ``nm``; ``M`` not dividing a
+            target's input dimension; an unsupported target; a batch set that never reaches a target; a Hessian that
+            is not positive definite.
+        TypeError: for ``forward`` not callable or arguments of the wrong type.
+
+    Example::
+
+        masks = sparsegpt_(model, [x for x, _ in itertools.islice(loader, 32)], nm="2:4")
+    """
+    density, pattern = check_budget(density, nm)
+    _check_int("block_size", block_size, 1)
+    damp = _check_damp(damp)
+    if forward is not None and not callable(forward):
+        raise TypeError(f"forward must be a callable forward(model, batch), got {type(forward).__name__}")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("sparsegpt_ needs at least one calibration batch, got none")
+    names = select_targets(model, include, exclude)
+    if pattern is not None:
+        for name in names:
+            pattern.check(name, tuple(model.get_parameter(name).shape))
+    input_kinds(model, names)
+    return prune_layers(model, names, batches, forward or default_forward, density=density, nm=pattern,
+                        block_size=block_size, damp=damp, sequential=sequential, progress=progress)
+
+
+class SparseGPT(SparsityCallback):
+    """Prune once with SparseGPT on calibration batches from the train dataloader, then keep the masks.
+
+    At ``at="fit_start"`` the model is pruned before the first optimizer step, so training fine-tunes the sparse model
+    (gradients of pruned weights masked, zeros kept); at ``at="fit_end"`` it is pruned after the run's last planned
+    optimizer step (``trainer.estimated_stepping_batches``, so checkpoints written at the end hold the pruned model),
+    or when training stops early. The masks and an "already pruned" flag are checkpointed: a resumed run never prunes
+    again. Batches run through ``calibration_forward`` (override it for batches that are not ``(x, ...)``).
+
+    Args:
+        density: fraction of weights kept per layer (unstructured); give this or ``nm``.
+        nm: ``"N:M"`` such as ``"2:4"``.
+        at: ``"fit_start"`` or ``"fit_end"``.
+        calibration_batches: number of train batches (per rank) used for the Hessians.
+        block_size: columns per lazy OBS block.
+        damp: Hessian dampening relative to its mean diagonal.
+        sequential: prune layer by layer in forward order (see :func:`sparsegpt_`).
+        include: glob patterns of parameter names to prune (default: Linear, Conv and attention weights).
+        exclude: glob patterns of parameter names to keep dense.
+        seed: seeds the draw of the calibration batches (the global RNG is left untouched).
+
+    Raises:
+        ValueError: both or neither of ``density``/``nm``, an unknown ``at``, ``calibration_batches`` or
+            ``block_size`` < 1, ``damp`` < 0; in ``setup``, an unsupported target or ``M`` not dividing its inputs.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from lightning_sparse.callbacks import SparseGPT
+
+        trainer = Trainer(max_steps=500, callbacks=[SparseGPT(nm="2:4", at="fit_end", exclude=["head.weight"])])
+    """
+
+    def __init__(
+        self,
+        density: float | None = None,
+        nm: str | None = None,
+        at: str = "fit_start",
+        calibration_batches: int = 32,
+        block_size: int = 128,
+        damp: float = 0.01,
+        sequential: bool = True,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        seed: int = 0,
+    ) -> None:
+        density, pattern = check_budget(density, nm)
+        super().__init__(density, str(pattern) if pattern else "unstructured", include=include, exclude=exclude,
+                         seed=seed)
+        if at not in ("fit_start", "fit_end"):
+            raise ValueError(f"at must be 'fit_start' or 'fit_end', got {at!r}")
+        self.at = at
+        self.calibration_batches = _check_int("calibration_batches", calibration_batches, 1)
+        self.block_size = _check_int("block_size", block_size, 1)
+        self.damp = _check_damp(damp)
+        self.sequential = bool(sequential)
+        self.pruned = False
+        self._last_step = float("inf")
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            density=self.density, pattern=str(self.pattern), include=self.include, exclude=self.exclude, at=self.at
+        )
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            input_kinds(pl_module, list(self.masks.params))
+
+    def target_density(self, step: int) -> float:
+        """Dense until the model is pruned, then the final density."""
+        return self.final_density if self.pruned else 1.0
+
+    def should_update(self, step: int) -> bool:
+        return not self.pruned and (self.at == "fit_start" or step >= self._last_step)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_step = trainer.estimated_stepping_batches
+        super().on_train_start(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.pruned:
+            self.update_masks(trainer, pl_module, trainer.global_step)
+
+    def calibration_forward(self, pl_module: pl.LightningModule, batch: Any) -> None:
+        """Run one calibration batch (on the module's device): ``pl_module(batch[0])`` by default."""
+        default_forward(pl_module, batch)
+
+    def _calibration_batches(self, trainer: pl.Trainer) -> list:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            batches = list(itertools.islice(trainer.train_dataloader or [], self.calibration_batches))
+        if not batches:
+            raise ValueError(f"{type(self).__name__} found no calibration batch: the train dataloader is empty")
+        return [trainer.strategy.batch_to_device(batch) for batch in batches]
+
+    def compute_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, Tensor]:
+        """Run SparseGPT on the targets; also writes the OBS-updated weights into ``pl_module``."""
+
+        def forward(model: nn.Module, batch: Any) -> None:
+            with trainer.precision_plugin.forward_context():
+                self.calibration_forward(model, batch)
+
+        nm = self.pattern if isinstance(self.pattern, NM) else None
+        return prune_layers(
+            pl_module, list(self.masks.params), self._calibration_batches(trainer), forward,
+            density=None if nm else self.final_density, nm=nm, block_size=self.block_size, damp=self.damp,
+            sequential=self.sequential, progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
+        )
+
+    def update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, Tensor]:
+        changed = super().update_masks(trainer, pl_module, step)
+        self.pruned = True
+        return changed
+
+    def extra_state_dict(self) -> dict[str, Any]:
+        return {"pruned": self.pruned}
+
+    def load_extra_state_dict(self, state: dict[str, Any]) -> None:
+        self.pruned = bool(state.get("pruned", False))
