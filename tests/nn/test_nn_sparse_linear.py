@@ -45,10 +45,10 @@ def test_cpu_forward_fp16(fmt):
     torch.testing.assert_close(y, linear.float()(x.float()).half(), atol=1e-2, rtol=1e-2)
 
 
-@pytest.mark.parametrize(("chunk_elements", "max_tokens"), [(1, 64), (1 << 22, 64), (1 << 22, 0)])
-def test_bsr_cpu_paths_match_dense(monkeypatch, chunk_elements, max_tokens):
+@pytest.mark.parametrize(("chunk_elements", "max_elements"), [(1, 1 << 22), (1 << 22, 1 << 22), (1 << 22, 0)])
+def test_bsr_cpu_paths_match_dense(monkeypatch, chunk_elements, max_elements):
     monkeypatch.setattr(sparse_linear_module, "_GATHER_ELEMENTS", chunk_elements)  # 1: one token per chunk
-    monkeypatch.setattr(sparse_linear_module, "GATHER_MAX_TOKENS", max_tokens)  # 0: MKL path
+    monkeypatch.setattr(sparse_linear_module, "GATHER_MAX_ELEMENTS", max_elements)  # 0: MKL path
     linear = pruned_linear()
     sparse = SparseLinear.from_dense(linear, blocksize=16)
     x = torch.randn(2, 5, 64)
