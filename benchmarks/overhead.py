@@ -84,6 +84,7 @@ def lightning_model_pruning() -> list[Callback]:
 VARIANTS: dict[str, Callable[[], list[Callback]]] = {
     "dense": dense,
     "MagnitudePruning": magnitude_pruning,
+    "MagnitudePruning one-shot (10% from step 0)": lambda: [MagnitudePruning(density=0.1)],
     "RigL": lambda: [RigL(density=0.1, update_every=100)],
     "Spartan": spartan,
     "TopKAST": topkast,
