@@ -42,13 +42,24 @@ class SparsityMonitor(Callback):
         self.last_report: SparsityReport | None = None
 
     def report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> SparsityReport:
-        """The current per-layer report (targets from the sparsity callbacks)."""
-        names, targets = [], {}
+        """The current per-layer report (targets from the sparsity callbacks).
+
+        For callbacks that keep dense weights and mask the forward (Spartan, Top-KAST, Supermask), the density is
+        that of the mask the forward uses, not of the dense weights.
+        """
+        names, targets, forward_masks = [], {}, {}
         for callback in trainer.callbacks:
             if isinstance(callback, SparsityCallback) and callback.masks is not None:
                 names += [n for n in callback.masks.params if n not in names]
                 targets.update(callback.layer_densities(trainer.global_step))
-        return sparsity_report(pl_module, names or default_targets(pl_module), targets)
+                if not callback.hard_mask:
+                    forward_masks.update(callback.masks.masks)
+        report = sparsity_report(pl_module, names or default_targets(pl_module), targets)
+        for row in report.rows:
+            if row["name"] in forward_masks:
+                row["nonzero"] = int(forward_masks[row["name"]].sum())
+                row["density"] = row["nonzero"] / row["numel"]
+        return report
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         every = self.log_every_n_steps or trainer.log_every_n_steps

@@ -205,3 +205,15 @@ def test_weights_stay_masked_whatever_the_optimizer_does():
     _trainer([pruning], max_steps=3).fit(model, harness.harness_data())
     assert not pruning.masks.names_with_weights_outside_mask()
     assert pruning.masks.density("head.weight") == 0.25
+
+
+def test_monitor_reports_the_forward_mask_of_dense_weight_algorithms():
+    from lightning_sparse.callbacks import TopKAST
+
+    monitor, topkast = SparsityMonitor(), TopKAST(density=0.25, update_every=1, bake_at_end=False)
+    model = harness.plain_model()
+    _trainer([topkast, monitor], max_steps=2).fit(model, harness.harness_data())
+    assert model.head.weight.count_nonzero() == model.head.weight.numel()  # weights stay dense (not baked)
+    rows = {row["name"]: row for row in monitor.last_report.rows}
+    assert rows["head.weight"]["density"] == pytest.approx(0.25)
+    assert monitor.last_report.global_density == pytest.approx(0.25, abs=1e-3)
