@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -39,8 +38,8 @@ def bake_masked_forward(trainer: pl.Trainer) -> None:
     """Calls ``bake()`` on every sparsity callback that keeps dense weights with a masked forward (Spartan,
     Top-KAST) and has not baked yet, so the model's parameters are the dense-with-zeros model."""
     for callback in _sparsity_callbacks(trainer):
-        if not callback.hard_mask and hasattr(callback, "bake") and _needs_bake(callback):
-            callback.bake()
+        if not callback.hard_mask and hasattr(callback, "bake"):
+            callback.bake()  # idempotent
 
 
 def check_hard_masks(trainer: pl.Trainer) -> None:
@@ -56,11 +55,6 @@ def check_hard_masks(trainer: pl.Trainer) -> None:
                 f"cannot export: the masks of {type(callback).__name__} no longer hold for {moved}: weights "
                 "outside the mask are non-zero (a weight changed after masking)"
             )
-
-
-def _needs_bake(callback: Any) -> bool:
-    baked = getattr(callback, "baked", None)  # a public flag when the callback has one, else its installed hooks
-    return not baked if baked is not None else getattr(callback, "_forward", None) is not None
 
 
 class SparseExport(Callback):

@@ -81,10 +81,18 @@ class MaskedForwardCallback(SparsityCallback):
         """``{name: effective weight}`` of every target: exactly what the forward computes with."""
         return {name: self._forward_weight(name, param).detach().clone() for name, param in self.masks.params.items()}
 
+    @property
+    def baked(self) -> bool:
+        """Whether :meth:`bake` has written the effective weights into the parameters (no masked forward is left)."""
+        return self._forward is None
+
     @torch.no_grad()
     def bake(self) -> None:
         """Write the effective weights into the parameters and remove the hooks: the plain model now computes what
-        the masked forward computed, and its ``state_dict`` is the sparse model."""
+        the masked forward computed, and its ``state_dict`` is the sparse model. Calling it again does nothing (a
+        second bake would apply a soft mask twice)."""
+        if self.baked:
+            return
         for name, weight in self.effective_weights().items():
             self.masks.params[name].copy_(weight)
         self.remove_hooks()

@@ -6,7 +6,7 @@ import torch
 from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import Callback
 
-from lightning_sparse.callbacks import MagnitudePruning, SparseExport, SparsityCallback
+from lightning_sparse.callbacks import MagnitudePruning, SparseExport, TopKAST
 from lightning_sparse.cli import main
 from lightning_sparse.export import load_sparse
 from lightning_sparse.nn import SparseLinear
@@ -50,32 +50,14 @@ def test_masks_that_no_longer_hold_raise(tmp_path):
         fit(tmp_path, *callbacks)
 
 
-class _MaskedForward(SparsityCallback):
-    """Stands in for Spartan / Top-KAST: dense weights, masked forward, ``bake()``."""
-
-    hard_mask = False
-
-    def __init__(self, baked):
-        super().__init__(density=0.5, include=["head.weight"], update_every=1000)
-        self.baked, self.bakes = baked, 0
-
-    def compute_masks(self, trainer, pl_module, step):
-        weight = self.masks.params["head.weight"]
-        return {"head.weight": torch.arange(weight.numel()).reshape(weight.shape) % 2 == 0}
-
-    def bake(self):
-        self.bakes += 1
-        self.baked = True
-        with torch.no_grad():
-            self.masks.params["head.weight"].mul_(self.masks.masks["head.weight"])
-
-
-@pytest.mark.parametrize("baked", [False, True])
-def test_masked_forward_callbacks_are_baked_once(tmp_path, baked):
-    masked, export = _MaskedForward(baked), SparseExport(tmp_path, pattern="dense")
-    model, _ = fit(tmp_path, masked, export, max_steps=1)
-    assert masked.bakes == (0 if baked else 1)
-    assert export.manifest.layers["head"]["density"] == (1.0 if baked else 0.5)
+@pytest.mark.parametrize("bake_at_end", [False, True])
+def test_masked_forward_callbacks_are_baked_once_before_export(tmp_path, bake_at_end):
+    topkast = TopKAST(density=0.5, include=["head.weight"], update_every=1000, bake_at_end=bake_at_end)
+    export = SparseExport(tmp_path, pattern="dense")
+    model, _ = fit(tmp_path, topkast, export, max_steps=1)
+    assert topkast.baked
+    assert export.manifest.layers["head"]["density"] == 0.5
+    assert model.head.weight.count_nonzero() == model.head.weight.numel() // 2
 
 
 def test_arguments_and_yaml(tmp_path):

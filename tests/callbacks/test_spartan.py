@@ -89,6 +89,9 @@ def test_soft_values_survive_into_the_export_and_match_the_forward():
         assert torch.equal(plain(x), trained)
         assert torch.equal(model(x), trained)
     assert all(torch.equal(model.state_dict()[n], w) for n, w in effective.items())
+    assert spartan.baked
+    spartan.bake()  # a second bake must not apply the soft mask again
+    assert all(torch.equal(model.state_dict()[n], w) for n, w in effective.items())
 
 
 def test_model_deepcopy_and_callback_pickle_while_masks_are_live():
