@@ -5,13 +5,14 @@ from lightning_sparse.core.soft_topk import soft_topk
 from lightning_sparse.export import export_sparse, load_sparse
 from lightning_sparse.masking import MaskState
 from lightning_sparse.mixins import SparseModuleMixin
-from lightning_sparse.nn import SparseLinear, to_sparse_inference
+from lightning_sparse.nn import SparseConv2d, SparseLinear, to_sparse_inference
 from lightning_sparse.report import SparsityReport, sparsity_report
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MaskState",
+    "SparseConv2d",
     "SparseLinear",
     "SparseModuleMixin",
     "SparsityReport",

@@ -52,6 +52,10 @@ class MaskState:
                 self._multipliers[name] = mask.to(self.params[name].dtype)
         return changed
 
+    def multiplier(self, name: str) -> Tensor:
+        """The mask of ``name`` as 0/1 values of the weight's dtype (bool when it keeps everything)."""
+        return self._multipliers.get(name, self.masks[name])
+
     def _masked(self) -> tuple[list[Tensor], list[Tensor]]:
         names = list(self._multipliers)
         return [self.params[n] for n in names], [self._multipliers[n] for n in names]

@@ -16,7 +16,16 @@ from lightning_sparse.callbacks.base import _check_int
 from lightning_sparse.callbacks.export import bake_masked_forward, first_batch_input
 from lightning_sparse.export.plan import LayerPlan, parse_export_pattern, plan_layers
 from lightning_sparse.export.verify import output_tensors
-from lightning_sparse.kernels.timing import DENSE, SPARSE, check_candidates, linear_candidates, time_calls
+from lightning_sparse.kernels.timing import (
+    DENSE,
+    DENSE_CONV,
+    SPARSE,
+    SPARSE_CONV,
+    check_candidates,
+    conv_candidates,
+    linear_candidates,
+    time_calls,
+)
 from lightning_sparse.nn.convert import to_sparse_inference
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -26,26 +35,35 @@ def _cast(x: Tensor, model: nn.Module) -> Tensor:
     return x.to(next(model.parameters()).dtype) if x.is_floating_point() else x
 
 
-def _ratios(times: dict[str, float]) -> dict[str, float]:
-    return {name: times[DENSE] / t for name, t in times.items() if name != DENSE} if DENSE in times else {}
+def _ratios(times: dict[str, float], dense: str = DENSE) -> dict[str, float]:
+    return {name: times[dense] / t for name, t in times.items() if name != dense} if dense in times else {}
+
+
+def _total_speedup(rows: list[dict[str, Any]], dense: str, sparse: str) -> float | None:
+    """Summed dense time over summed sparse time of the rows that timed both."""
+    timed = [row["times_ms"] for row in rows if dense in row.get("times_ms", {}) and sparse in row["times_ms"]]
+    return sum(t[dense] for t in timed) / sum(t[sparse] for t in timed) if timed else None
 
 
 class KernelBenchmark(Callback):
-    """At the end of fit (rank zero), time every Linear layer the export would convert, at its real shape.
+    """At the end of fit (rank zero), time every Linear and Conv2d layer the export would convert, at its real shape.
 
-    Per layer, at the token count it saw on a real training batch (or ``tokens``): dense ``F.linear`` against
-    :class:`~lightning_sparse.nn.SparseLinear` (what the exported model runs: torch's CPU BSR path on CPU, our
-    Triton kernels on CUDA) and, on CUDA, against our ``bsr_linear`` / ``sparse24_linear`` and torch's
-    ``bsr_dense_mm`` / ``to_sparse_semi_structured``. Every candidate's output is checked before it is timed.
-    Then the whole sparse inference model against the dense model on the real batch. Ratios are dense time over
-    candidate time (> 1: faster). The results go to ``<dirpath>/kernel_benchmark.json``, to the loggers
-    (``benchmark/speedup/<layer>``, ``benchmark/linear_speedup``, ``benchmark/model_speedup``), to :attr:`results`
-    and to a printed table. Layers that are not converted (conv layers, shapes the block does not divide) are
-    listed with the reason.
+    Per Linear layer, at the token count it saw on a real training batch (or ``tokens``): dense ``F.linear``
+    against :class:`~lightning_sparse.nn.SparseLinear` (what the exported model runs: torch's CPU BSR path on CPU,
+    our Triton kernels on CUDA) and, on CUDA, against our ``bsr_linear`` / ``sparse24_linear`` and torch's
+    ``bsr_dense_mm`` / ``to_sparse_semi_structured``. Per Conv2d layer, on the input it saw on the real batch: the
+    dense layer against :class:`~lightning_sparse.nn.SparseConv2d`. Every candidate's output is checked before it
+    is timed. Then the whole sparse inference model (converted Linear and Conv2d layers) against the dense model
+    on the real batch. Ratios are dense time over candidate time (> 1: faster). The results go to
+    ``<dirpath>/kernel_benchmark.json``, to the loggers (``benchmark/speedup/<layer>``,
+    ``benchmark/linear_speedup``, ``benchmark/conv_speedup``, ``benchmark/model_speedup``), to :attr:`results`
+    and to a printed table. Layers that are not converted (shapes the block does not divide, convolutions that
+    read too many of their input channels to run faster, other layer types) are listed with the reason.
 
     Args:
         dirpath: where to write the JSON; default: the Trainer's ``log_dir``.
-        tokens: rows per Linear call to time; default: what each layer saw on the first training batch.
+        tokens: rows per Linear call to time; default: what each layer saw on the first training batch (Conv2d
+            layers always take their input from that batch).
         pattern: ``"RxC"`` BSR blocks or ``"2:4"``, as exported.
         warmup: milliseconds of untimed calls per candidate.
         rep: milliseconds of timed calls per candidate (median of ``do_bench`` on CUDA, of Timer rounds on CPU).
@@ -98,15 +116,14 @@ class KernelBenchmark(Callback):
         plans = plan_layers(model, self.pattern)
         inputs = self._layer_inputs(model, [p for p in plans if p.convert], example)
         layers = [self._layer(plan, inputs.get(plan.name)) for plan in plans]
-        timed = [row for row in layers if DENSE in row.get("times_ms", {}) and SPARSE in row["times_ms"]]
-        dense, sparse = (sum(row["times_ms"][key] for row in timed) for key in (DENSE, SPARSE))
         self.results = {
             "device": str(device),
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "pattern": self.pattern,
             "torch_version": str(torch.__version__),
             "layers": layers,
-            "linear_speedup": dense / sparse if timed else None,
+            "linear_speedup": _total_speedup(layers, DENSE, SPARSE),
+            "conv_speedup": _total_speedup(layers, DENSE_CONV, SPARSE_CONV),
             "model": self._whole_model(model, [p.name for p in plans if p.convert], example, device),
         }
         path = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir) / "kernel_benchmark.json"
@@ -118,37 +135,51 @@ class KernelBenchmark(Callback):
 
     @torch.inference_mode()
     def _layer_inputs(self, model: nn.Module, plans: list[LayerPlan], example: Tensor | None) -> dict[str, Tensor]:
-        if self.tokens is not None:
-            dtype = next(model.parameters()).dtype
-            device = next(model.parameters()).device
-            return {p.name: torch.randn(self.tokens, p.module.in_features, device=device, dtype=dtype) for p in plans}
-        if example is None:
+        if self.tokens is None and example is None:
             raise ValueError("KernelBenchmark needs tokens=... when the train dataloader yields no tensor batch")
-        seen: dict[str, Tensor] = {}
+        inputs = self._random_rows(model, plans)
+        hooked = [p for p in plans if p.name not in inputs]
+        if example is None or not hooked:
+            return inputs
 
         def record(name: str) -> Any:
-            def hook(module: nn.Linear, args: tuple) -> None:
-                seen.setdefault(name, args[0].reshape(-1, module.in_features))  # the rows the layer multiplies
+            def hook(module: nn.Module, args: tuple) -> None:
+                x = args[0] if isinstance(module, nn.Conv2d) else args[0].reshape(-1, module.in_features)
+                inputs.setdefault(name, x)  # a Linear: the rows it multiplies
 
             return hook
 
-        hooks = [p.module.register_forward_pre_hook(record(p.name)) for p in plans]
+        hooks = [p.module.register_forward_pre_hook(record(p.name)) for p in hooked]
         try:
             model(_cast(example, model))
         finally:
             for hook in hooks:
                 hook.remove()
-        return seen
+        return inputs
+
+    def _random_rows(self, model: nn.Module, plans: list[LayerPlan]) -> dict[str, Tensor]:
+        """With ``tokens``: random rows for the Linear layers (Conv2d layers take the batch's input)."""
+        if self.tokens is None:
+            return {}
+        param = next(model.parameters())
+        shapes = {p.name: (self.tokens, p.module.in_features) for p in plans if isinstance(p.module, nn.Linear)}
+        return {name: torch.randn(shape, device=param.device, dtype=param.dtype) for name, shape in shapes.items()}
 
     def _layer(self, plan: LayerPlan, x: Tensor | None) -> dict[str, Any]:
         row = {"name": plan.name, **plan.entry()}
         if not plan.convert or x is None:
             row["reason"] = row["reason"] or "not called on the example batch"
             return row
-        good, bad = check_candidates(linear_candidates(plan.module, x, self.fmt, self.blocksize))
+        if isinstance(plan.module, nn.Conv2d):
+            fns, dense, sparse = conv_candidates(plan.module, x, self.blocksize), DENSE_CONV, SPARSE_CONV
+            row["input_shape"] = list(x.shape)
+        else:
+            fns, dense, sparse = linear_candidates(plan.module, x, self.fmt, self.blocksize), DENSE, SPARSE
+            row["tokens"] = x.shape[0]
+        good, bad = check_candidates(fns, reference=dense)
         times = time_calls(good, x.device, self.warmup, self.rep)
-        speedup = _ratios(times).get(SPARSE)
-        row.update(tokens=x.shape[0], times_ms=times, speedups=_ratios(times), errors=bad, speedup=speedup)
+        speedup = _ratios(times, dense).get(sparse)
+        row.update(times_ms=times, speedups=_ratios(times, dense), errors=bad, speedup=speedup)
         row["faster"] = None if speedup is None else speedup > 1
         return row
 
@@ -165,6 +196,7 @@ class KernelBenchmark(Callback):
     def _log(self, trainer: pl.Trainer) -> None:
         metrics = {f"benchmark/speedup/{r['name']}": r["speedup"] for r in self.results["layers"] if r.get("speedup")}
         metrics["benchmark/linear_speedup"] = self.results["linear_speedup"]
+        metrics["benchmark/conv_speedup"] = self.results["conv_speedup"]
         metrics["benchmark/model_speedup"] = self.results["model"].get("speedup")
         metrics = {key: value for key, value in metrics.items() if value is not None}
         for logger in trainer.loggers:  # after fit, self.log is closed: write to the loggers directly
@@ -182,7 +214,7 @@ def _print_table(results: dict[str, Any], path: Path) -> None:
 
     names = sorted({name for row in results["layers"] for name in row.get("speedups", {})})
     table = Table(title=f"KernelBenchmark on {results['device']} ({results['dtype']}, pattern {results['pattern']})")
-    for column in ("layer", "type", "shape", "tokens", "stored", *(f"{n} vs dense" for n in names)):
+    for column in ("layer", "type", "shape", "input", "stored", *(f"{n} vs dense" for n in names)):
         table.add_column(column, no_wrap=True)
     table.add_column("verdict")
     for row in results["layers"]:
@@ -190,12 +222,14 @@ def _print_table(results: dict[str, Any], path: Path) -> None:
         verdict = row["reason"] or ("faster" if row["faster"] else "slower" if row["faster"] is False else "failed")
         stored = "" if row["stored_density"] is None else f"{row['stored_density']:.3f}"
         shape = "x".join(map(str, row["shape"]))
-        table.add_row(row["name"], row["type"], shape, str(row.get("tokens", "")), stored, *ratios, verdict)
+        size = str(row.get("tokens", "x".join(map(str, row.get("input_shape", [])))))
+        table.add_row(row["name"], row["type"], shape, size, stored, *ratios, verdict)
     model = results["model"]
     console = Console()
     console.width = console.width if console.is_terminal else 160  # logs and pipes: no wrapping at 80 columns
     console.print(table)
-    console.print(f"all converted Linear layers together: {_ratio(results['linear_speedup'])} vs dense")
+    for kind, key in (("Linear", "linear_speedup"), ("Conv2d", "conv_speedup")):
+        console.print(f"all converted {kind} layers together: {_ratio(results[key])} vs dense")
     whole = f"{_ratio(model['speedup'])} vs dense" if "speedup" in model else model["reason"]
     console.print(f"whole model on {results['device']} (batch of {model.get('inputs', '-')}): {whole}")
     console.print(f"written to {path}", markup=False)

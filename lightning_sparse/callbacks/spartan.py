@@ -255,13 +255,14 @@ class Spartan(MaskedForwardCallback):
         else:
             groups = [([n], densities[n]) for n in names]
         masks: dict[str, Tensor] = {}
-        self._budgets = {}
+        previous, self._budgets = self._budgets, {}
         for group, density in groups:
-            masks.update(self._solve(group, density, beta))
+            masks.update(self._solve(group, density, beta, previous.get(group[0])))
         return masks
 
     @torch.no_grad()
-    def _solve(self, names: list[str], density: float, beta: float) -> dict[str, Tensor]:
+    def _solve(self, names: list[str], density: float, beta: float, previous: _Budget | None) -> dict[str, Tensor]:
+        """Soft threshold and exact hard top-k of one budget; the previous step's threshold starts the solve."""
         params = self.masks.params
         scores = [group_magnitudes(params[n], self.pattern) for n in names]
         device = scores[0].device
@@ -270,7 +271,8 @@ class Spartan(MaskedForwardCallback):
         if any(self._costs[n] != 1.0 for n in names):
             costs = torch.cat([torch.full_like(s, self._costs[n], device=device)
                                for n, s in zip(names, scores, strict=True)])
-        threshold = soft_topk_threshold(flat, density, beta, costs)
+        guess = None if previous is None or not math.isfinite(previous.threshold) else previous.threshold
+        threshold = soft_topk_threshold(flat, density, beta, costs, guess)
         hard = hard_topk(flat, density, costs) if density < 1 else torch.ones_like(flat, dtype=torch.bool)
         budget = _Budget(tuple(names), threshold, beta)
         self._budgets.update(dict.fromkeys(names, budget))
@@ -312,7 +314,7 @@ class Spartan(MaskedForwardCallback):
         if budget.threshold == -math.inf:
             return weight
         threshold = self._threshold(budget, torch.is_grad_enabled() and weight.requires_grad)
-        return spartan_weight(weight, self.pattern, threshold, budget.sharpness, self.masks.masks[name],
+        return spartan_weight(weight, self.pattern, threshold, budget.sharpness, self.masks.multiplier(name),
                               self._costs[name])
 
     # ----------------------------------------------------------------------------------------- state

@@ -27,14 +27,32 @@ def _check_finite(scores: Tensor, argument: str = "scores") -> None:
         raise ValueError(f"{argument} must be finite, got {int((~torch.isfinite(scores)).sum())} NaN/inf entries")
 
 
+def topk_flat(flat: Tensor, k: int) -> Tensor:
+    """Mask of the ``k`` highest entries of a flat tensor, ties at the k-th value to the lowest indices.
+
+    One selection (``kthvalue``, O(n)) and a compare instead of a sort: the result equals the first ``k`` of a
+    stable descending sort.
+    """
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    if k == 0:
+        return mask
+    if k == flat.numel():
+        return mask.fill_(True)
+    values = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+    kth = torch.kthvalue(values, values.numel() - k + 1).values
+    torch.gt(values, kth, out=mask)
+    missing = k - int(torch.count_nonzero(mask))
+    if missing:
+        mask[torch.nonzero(values == kth).squeeze(1)[:missing]] = True
+    return mask
+
+
 def topk_indices(scores: Tensor, k: int) -> Tensor:
-    """Flat indices of the ``k`` highest scores; ties go to the lower flat index."""
+    """Flat indices of the ``k`` highest scores, in ascending index order; ties go to the lower flat index."""
     flat = scores.reshape(-1)
     if not 0 <= k <= flat.numel():
         raise ValueError(f"k must be in [0, {flat.numel()}], got {k}")
-    if k == 0:
-        return torch.empty(0, dtype=torch.long, device=scores.device)
-    return torch.sort(flat, descending=True, stable=True).indices[:k]
+    return torch.nonzero(topk_flat(flat, k)).squeeze(1)
 
 
 def topk_mask(scores: Tensor, k: int) -> Tensor:
@@ -48,41 +66,48 @@ def topk_mask(scores: Tensor, k: int) -> Tensor:
         ValueError: when ``k`` is out of range or ``scores`` holds NaN/inf.
     """
     _check_finite(scores)
-    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    mask[topk_indices(scores, k)] = True
-    return mask.reshape(scores.shape)
+    if not 0 <= k <= scores.numel():
+        raise ValueError(f"k must be in [0, {scores.numel()}], got {k}")
+    return topk_flat(scores.reshape(-1), k).reshape(scores.shape)
 
 
 def drop_lowest(scores: Tensor, mask: Tensor, n: int) -> Tensor:
-    """Deactivate the ``n`` active positions (``mask`` True) with the lowest scores.
+    """Deactivate the ``n`` active positions (``mask`` True) with the lowest scores (ties: the higher index goes).
 
     Raises:
         ValueError: when ``n`` exceeds the number of active positions.
     """
-    active = int(mask.sum())
+    active = int(torch.count_nonzero(mask))
     if not 0 <= n <= active:
         raise ValueError(f"n must be in [0, {active}] (the active count), got {n}")
     _check_finite(scores)
-    keep_scores = torch.where(mask, scores.float(), torch.tensor(float("-inf"), device=scores.device))
-    return topk_mask_allow_inf(keep_scores, active - n)
+    return best_among(scores, mask, active - n, active)
 
 
 def grow_highest(scores: Tensor, mask: Tensor, n: int) -> Tensor:
-    """Activate the ``n`` inactive positions (``mask`` False) with the highest scores.
+    """Activate the ``n`` inactive positions (``mask`` False) with the highest scores (ties: the lower index grows).
 
     Raises:
         ValueError: when ``n`` exceeds the number of inactive positions.
     """
-    inactive = int((~mask).sum())
+    inactive = mask.numel() - int(torch.count_nonzero(mask))
     if not 0 <= n <= inactive:
         raise ValueError(f"n must be in [0, {inactive}] (the inactive count), got {n}")
     _check_finite(scores)
-    grow_scores = torch.where(mask, torch.tensor(float("-inf"), device=scores.device), scores.float())
-    return mask | topk_mask_allow_inf(grow_scores, n)
+    return mask | best_among(scores, ~mask, n, inactive)
 
 
-def topk_mask_allow_inf(scores: Tensor, k: int) -> Tensor:
-    """:func:`topk_mask` for scores that may hold ``-inf`` sentinels (never NaN)."""
-    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    mask[topk_indices(scores, k)] = True
-    return mask.reshape(scores.shape)
+def best_among(scores: Tensor, candidates: Tensor, k: int, count: int) -> Tensor:
+    """Mask of the ``k`` highest ``scores`` among the ``count`` positions where ``candidates`` is True.
+
+    Few candidates are gathered and selected among; many are selected in place with the others set to ``-inf``
+    (both O(n), same result: ties go to the lower flat index).
+    """
+    flat, where = scores.reshape(-1).to(candidates.device), candidates.reshape(-1)
+    if 4 * count < flat.numel():
+        index = torch.nonzero(where).squeeze(1)
+        chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+        chosen[index[topk_flat(flat[index].float(), k)]] = True
+    else:
+        chosen = topk_flat(flat.float().masked_fill(~where, float("-inf")), k)
+    return chosen.reshape(candidates.shape)

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lightning_sparse.core.masks import topk_flat
 from lightning_sparse.core.patterns import Blocks, Pattern
 from lightning_sparse.core.soft_topk import soft_topk_threshold
 
@@ -76,21 +77,6 @@ def group_magnitudes(weight: Tensor, pattern: Pattern) -> Tensor:
     return pattern.group_scores(weight.abs().float())
 
 
-def _topk_flat(flat: Tensor, k: int) -> Tensor:
-    """Mask of the ``k`` largest entries, ties at the k-th value to the lowest indices, in O(n) (no full sort)."""
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    if k <= 0:
-        return mask
-    if k >= flat.numel():
-        return mask.fill_(True)
-    kth = torch.kthvalue(flat, flat.numel() - k + 1).values
-    torch.gt(flat, kth, out=mask)
-    missing = k - int(mask.sum())
-    if missing:
-        mask[torch.nonzero(flat == kth).squeeze(1)[:missing]] = True
-    return mask
-
-
 def hard_topk(scores: Tensor, density: float, costs: Tensor | None = None) -> Tensor:
     """Exact hard top-k of the unit values ``scores / costs`` (bool, ``scores``' shape; ties: lower index kept).
 
@@ -100,7 +86,7 @@ def hard_topk(scores: Tensor, density: float, costs: Tensor | None = None) -> Te
     """
     flat = scores.detach().reshape(-1).float()
     if costs is None or bool((costs == costs.reshape(-1)[0]).all()):
-        return _topk_flat(flat, round(density * flat.numel())).reshape(scores.shape)
+        return topk_flat(flat, round(density * flat.numel())).reshape(scores.shape)
     costs = costs.reshape(-1).to(flat.device)
     order = torch.sort(flat / costs, descending=True, stable=True).indices
     cumulative = torch.cumsum(costs[order].double(), 0)
@@ -121,38 +107,51 @@ def soft_group_values(
     return torch.sigmoid_(unit.mul_(sharpness / cost).sub_(threshold * sharpness))
 
 
+class _SlopeCache(dict):
+    """Per weight of a budget: ``sign(w) * s`` expanded to the weight and ``sum(s)``, stored by the layer's backward
+    for the threshold node's backward. Keyed by the weight's id and version, so an optimizer step invalidates it."""
+
+    @staticmethod
+    def key(weight: Tensor) -> tuple[int, int]:
+        return id(weight), weight._version
+
+
 class _SpartanWeight(torch.autograd.Function):
-    """``where(keep, w * m, 0)`` with ``m = sigmoid(beta (mean|w| / cost - t))``, fused; ``keep`` is passed straight
-    through. Saves nothing but the weight: the backward recomputes ``m``."""
+    """``w * m * keep`` with ``m = sigmoid(beta (mean|w| / cost - t))``; ``keep`` (0/1 floats) passes straight
+    through. Saves the weight and the group values ``m``; the backward leaves ``sign(w) * s`` for the threshold."""
 
     @staticmethod
     def forward(ctx, weight: Tensor, threshold: Tensor, pattern: Pattern, sharpness: float, cost: float, keep: Tensor):
-        ctx.save_for_backward(weight, threshold)
-        ctx.pattern, ctx.sharpness, ctx.cost = pattern, sharpness, cost
         values = soft_group_values(weight, pattern, threshold, sharpness, cost)
+        ctx.save_for_backward(weight, values)
+        ctx.pattern, ctx.sharpness, ctx.cost = pattern, sharpness, cost
+        ctx.cache = getattr(threshold, "slope_cache", None)
         scaled = weight * pattern.expand(values, weight.shape).to(weight.dtype)
-        return scaled.masked_fill_(~keep, 0)
+        return scaled.mul_(keep.to(weight.dtype)) if keep.dtype != torch.bool else scaled.masked_fill_(~keep, 0)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        weight, threshold = ctx.saved_tensors
-        pattern, beta = ctx.pattern, ctx.sharpness
-        values = soft_group_values(weight, pattern, threshold, beta, ctx.cost)
-        slope = values - values.square()  # s = m (1 - m)
-        grad_values = pattern.group_scores((grad * weight).float()) * _group_size(pattern)  # dL/dm per group
-        grad_units = grad_values.mul_(slope).mul_(beta)  # dL/du
-        grad_threshold = -grad_units.sum() if ctx.needs_input_grad[1] else None
-        per_weight = grad_units.div_(ctx.cost * _group_size(pattern))  # dL/d|w| of every weight of the group
+        weight, values = ctx.saved_tensors
+        pattern, beta, size = ctx.pattern, ctx.sharpness, _group_size(ctx.pattern)
+        slope = torch.addcmul(values, values, values, value=-1)  # s = m (1 - m)
+        grad_values = pattern.group_scores((grad * weight).float()).mul_(size)  # dL/dm per group
+        grad_threshold = -beta * torch.dot(grad_values, slope) if ctx.needs_input_grad[1] else None
+        signed_slope = weight.sign().mul_(pattern.expand(slope, weight.shape).to(weight.dtype))
+        if ctx.cache is not None:
+            ctx.cache[_SlopeCache.key(weight)] = (signed_slope, slope.sum(dtype=torch.float64))
         grad_weight = grad * pattern.expand(values, weight.shape).to(grad.dtype)
-        grad_weight.addcmul_(weight.sign(), pattern.expand(per_weight, weight.shape).to(grad.dtype))
+        per_weight = pattern.expand(grad_values.mul_(beta / (ctx.cost * size)), weight.shape)  # dL/d|w| over s
+        grad_weight.addcmul_(signed_slope, per_weight.to(grad.dtype))
         return grad_weight, grad_threshold, None, None, None, None
+
 
 
 def spartan_weight(
     weight: Tensor, pattern: Pattern, threshold: Tensor, sharpness: float, keep: Tensor, cost: float = 1.0
 ) -> Tensor:
-    r"""Spartan's effective weight :math:`w \odot m \odot h` (``h`` = ``keep``), differentiable in ``weight`` (through
-    :math:`w` and :math:`m`, ``keep`` passed straight through) and in a :func:`threshold_node` ``threshold``."""
+    r"""Spartan's effective weight :math:`w \odot m \odot h` (``h`` = ``keep``, bool or 0/1 floats), differentiable
+    in ``weight`` (through :math:`w` and :math:`m`, ``keep`` passed straight through) and in a
+    :func:`threshold_node` ``threshold``."""
     return _SpartanWeight.apply(weight, threshold, pattern, float(sharpness), float(cost), keep)
 
 
@@ -161,27 +160,34 @@ class _Threshold(torch.autograd.Function):
 
     It saves no tensors with ``save_for_backward``, so one node serves several forwards and backwards (gradient
     accumulation, re-entrant checkpointing); its backward reads the weights as they are (unchanged until the
-    optimizer steps).
+    optimizer steps), taking ``sign(w) * s`` from the layers' backward when they left it in the slope cache.
     """
 
     @staticmethod
-    def forward(ctx, threshold: Tensor, pattern: Pattern, sharpness: float, costs: Sequence[float], *weights):
+    def forward(ctx, threshold: Tensor, pattern: Pattern, sharpness: float, costs: Sequence[float], cache, *weights):
         ctx.threshold, ctx.pattern, ctx.sharpness = threshold, pattern, sharpness
-        ctx.costs, ctx.weights = costs, weights
+        ctx.costs, ctx.weights, ctx.cache = costs, weights, cache
         return threshold.clone()
 
     @staticmethod
     @torch.no_grad()
     def backward(ctx, grad: Tensor):
-        slopes = []
-        for weight, cost in zip(ctx.weights, ctx.costs, strict=True):
-            values = soft_group_values(weight, ctx.pattern, ctx.threshold, ctx.sharpness, cost)
-            slopes.append(values.sub_(values.square()))
-        total = sum(cost * slope.sum(dtype=torch.float64) for cost, slope in zip(ctx.costs, slopes, strict=True))
+        slopes = [_signed_slope(ctx, weight, cost) for weight, cost in zip(ctx.weights, ctx.costs, strict=True)]
+        total = sum(cost * total for cost, (_, total) in zip(ctx.costs, slopes, strict=True))
         scale = grad.double() / total.clamp_min(torch.finfo(torch.float64).tiny) / _group_size(ctx.pattern)
-        grads = [weight.sign() * ctx.pattern.expand(slope * scale.float(), weight.shape).to(weight.dtype)
-                 for weight, slope in zip(ctx.weights, slopes, strict=True)]
-        return (None, None, None, None, *grads)
+        grads = [signed.mul(scale.to(signed.dtype)) for signed, _ in slopes]
+        return (None, None, None, None, None, *grads)
+
+
+def _signed_slope(ctx, weight: Tensor, cost: float) -> tuple[Tensor, Tensor]:
+    """``sign(w) * s`` expanded to the weight and ``sum(s)`` (float64), from the cache or recomputed."""
+    cached = ctx.cache.get(_SlopeCache.key(weight))
+    if cached is not None:
+        return cached
+    values = soft_group_values(weight, ctx.pattern, ctx.threshold, ctx.sharpness, cost)
+    slope = values.sub_(values.square())
+    signed = weight.sign().mul_(ctx.pattern.expand(slope, weight.shape).to(weight.dtype))
+    return signed, slope.sum(dtype=torch.float64)
 
 
 def threshold_node(
@@ -204,4 +210,7 @@ def threshold_node(
     """
     costs = [1.0] * len(weights) if costs is None else [float(c) for c in costs]
     value = torch.tensor(threshold, dtype=torch.float32, device=weights[0].device)
-    return _Threshold.apply(value, pattern, float(sharpness), costs, *weights)
+    cache = _SlopeCache()
+    node = _Threshold.apply(value, pattern, float(sharpness), costs, cache, *weights)
+    node.slope_cache = cache
+    return node

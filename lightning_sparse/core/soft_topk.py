@@ -91,7 +91,9 @@ def soft_topk(scores: Tensor, density: float, sharpness: float, costs: Tensor | 
     return _SoftTopK.apply(scores, costs, float(density), float(sharpness))
 
 
-def soft_topk_threshold(scores: Tensor, density: float, sharpness: float, costs: Tensor | None = None) -> float:
+def soft_topk_threshold(
+    scores: Tensor, density: float, sharpness: float, costs: Tensor | None = None, guess: float | None = None
+) -> float:
     r"""The threshold :math:`t = -\mu / \beta` of :func:`soft_topk`, without building a mask graph.
 
     :func:`soft_topk` returns :math:`\sigma(\beta (u - t))` with :math:`u` = ``scores / costs``; callers that
@@ -102,13 +104,15 @@ def soft_topk_threshold(scores: Tensor, density: float, sharpness: float, costs:
         density: Fraction of the total cost kept, in (0, 1]; ``1`` (or no entries) gives ``-inf`` (keep all).
         sharpness: Inverse temperature :math:`\beta > 0`.
         costs: Positive cost of each entry, same shape as ``scores``; ``None`` means all ones.
+        guess: A threshold near the root to start from, e.g. the previous training step's: two or three passes
+            over the data then reach the budget. The result meets the same tolerance with or without it.
 
     Returns:
         The threshold as a Python float (solved in float64 arithmetic).
 
     Raises:
         TypeError: If ``scores`` is not a floating-point tensor.
-        ValueError: As :func:`soft_topk`.
+        ValueError: As :func:`soft_topk`; or ``guess`` is not a finite number.
 
     Example::
 
@@ -119,10 +123,13 @@ def soft_topk_threshold(scores: Tensor, density: float, sharpness: float, costs:
         100.0
     """
     _check_args(scores, density, sharpness, costs)
+    number = isinstance(guess, int | float) and not isinstance(guess, bool)
+    if guess is not None and not (number and math.isfinite(guess)):
+        raise ValueError(f"guess must be a finite number or None, got {guess!r}")
     if density == 1 or scores.numel() == 0:
         return -math.inf
     u, c = _unit_values(scores, costs)
-    return _solve(u, c, float(density), float(sharpness), _RTOL[u.dtype])[0]
+    return _solve(u, c, float(density), float(sharpness), _RTOL[u.dtype], guess)[0]
 
 
 def _check_args(scores: Tensor, density: float, sharpness: float, costs: Tensor | None) -> None:
@@ -263,11 +270,14 @@ def _bracket(u: Tensor, density: float, beta: float) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def _solve(u: Tensor, c: Tensor | None, density: float, beta: float, rtol: float) -> tuple[float, Tensor]:
+def _solve(
+    u: Tensor, c: Tensor | None, density: float, beta: float, rtol: float, guess: float | None = None
+) -> tuple[float, Tensor]:
     """Threshold t with sum(c * sigmoid(beta * (u - t))) = density * sum(c) to rtol, and its mask."""
     problem = _Budget(u, c, density, beta)
     search = _Search(*_bracket(u, density, beta), resolution=torch.finfo(u.dtype).eps / beta)
-    t = min(max(_initial_guess(u, c, density, beta), search.lo), search.hi)
+    start = _initial_guess(u, c, density, beta) if guess is None else float(guess)
+    t = min(max(start, search.lo), search.hi)
     best = (math.inf, t)
     for _ in range(_MAX_EVALS):
         g = problem.residual(t)

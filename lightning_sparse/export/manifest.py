@@ -4,7 +4,10 @@ An export directory holds three files:
 
 - ``model.safetensors``: the full dense-with-zeros ``state_dict`` (the plain model's keys);
 - ``sparse.safetensors``: the converted weights keyed by parameter FQN, ``<fqn>.crow_indices``,
-  ``<fqn>.col_indices`` and ``<fqn>.values`` for BSR, ``<fqn>.values`` and ``<fqn>.packed_idx`` for 2:4;
+  ``<fqn>.col_indices`` and ``<fqn>.values`` for BSR, ``<fqn>.values`` and ``<fqn>.packed_idx`` for 2:4; a
+  converted ``Conv2d`` (BSR only) stores its ``(out, in * kh * kw)`` matrix view, and its stride, padding and
+  dilation come from the model it is loaded into, like every bias. Adding Conv2d changed no field: format
+  version 1 still describes every export, and exports without a converted Conv2d load in older versions;
 - ``manifest.json``: this class as JSON, written last, only once the export verified.
 
 Example::

@@ -1,8 +1,10 @@
 """Which layers an export converts, and why each other layer stays dense (pure: reads weights, changes nothing).
 
-Only ``nn.Linear`` layers are converted. With ``include=None`` every Linear that fits the pattern and holds zeros
-is converted; one that does not fit is left dense with a reason. A Linear named by ``include`` must fit. A Linear
-pruned in a way that breaks the pattern it is exported to (zeros, but not 2:4) is an error in both cases.
+``nn.Linear`` and ``nn.Conv2d`` layers are converted. With ``include=None`` every Linear that fits the pattern and
+holds zeros is converted, and every Conv2d that fits a block pattern and reads few enough of its input channels to
+run faster (:func:`~lightning_sparse.nn.sparse_conv.slow_conv_reason`); any other layer is left dense with a reason.
+A layer named by ``include`` must fit (a named Conv2d converts whatever channels it reads). A Linear pruned in a way
+that breaks the pattern it is exported to (zeros, but not 2:4) is an error in both cases.
 
 Example::
 
@@ -23,8 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_sparse.core.patterns import as_matrix_shape
 from lightning_sparse.formats.bsr import parse_blocksize
 from lightning_sparse.formats.semi_structured import dense_to_sparse24
+from lightning_sparse.nn.sparse_conv import conv_unfit_reason, slow_conv_reason
 
 PATTERNS_HELP = '"RxC" blocks (e.g. "32x32"), "2:4" or "dense"'
 
@@ -100,8 +104,19 @@ def _shape_problem(shape: tuple[int, ...], fmt: str, blocksize: tuple[int, int] 
 
 
 def _block_fraction(weight: torch.Tensor, blocksize: tuple[int, int]) -> float:
-    (n, k), (r, c) = weight.shape, blocksize
+    (n, k), (r, c) = as_matrix_shape(weight.shape), blocksize
     return (weight.reshape(n // r, r, k // c, c) != 0).any(dim=3).any(dim=1).float().mean().item()
+
+
+def _plan_conv(plan: LayerPlan, fmt: str, blocksize: tuple[int, int] | None, explicit: bool) -> None:
+    weight = plan.module.weight.detach()
+    problem = conv_unfit_reason(plan.module, fmt, blocksize)
+    if problem is not None:
+        plan.error, plan.reason = (problem, None) if explicit else (None, problem)
+        return
+    plan.reason = None if explicit else slow_conv_reason(weight)
+    plan.stored_density = _block_fraction(weight, blocksize)
+    plan.convert = plan.reason is None
 
 
 def _plan_linear(plan: LayerPlan, fmt: str, blocksize: tuple[int, int] | None, explicit: bool) -> None:
@@ -132,14 +147,14 @@ def plan_layers(model: nn.Module, pattern: str, include: Sequence[str] | str | N
     Args:
         model: the dense-with-zeros model.
         pattern: ``"RxC"`` blocks, ``"2:4"`` or ``"dense"`` (nothing converted).
-        include: FQN globs of the Linear layers to convert, matched against the module name or ``<name>.weight``;
-            ``None``: every Linear that fits and holds zeros.
+        include: FQN globs of the Linear / Conv2d layers to convert, matched against the module name or
+            ``<name>.weight``; ``None``: every layer that fits and is worth converting (see the module docstring).
 
     Returns:
         One :class:`LayerPlan` per layer; plans with an ``error`` must stop an export.
 
     Raises:
-        ValueError: on a bad ``pattern``, or an ``include`` glob that matches no ``nn.Linear``.
+        ValueError: on a bad ``pattern``, or an ``include`` glob that matches no ``nn.Linear`` or ``nn.Conv2d``.
         TypeError: if ``include`` is not a glob or a list of globs.
     """
     fmt, blocksize = parse_export_pattern(pattern)
@@ -151,8 +166,8 @@ def plan_layers(model: nn.Module, pattern: str, include: Sequence[str] | str | N
         plan = LayerPlan(name, module)
         plans.append(plan)
         globs = [g for g in include or () if fnmatchcase(name, g) or fnmatchcase(f"{name}.weight", g)]
-        if not isinstance(module, nn.Linear):
-            plan.reason = f"{type(module).__name__} layers are not converted (only nn.Linear)"
+        if not isinstance(module, nn.Linear | nn.Conv2d):
+            plan.reason = f"{type(module).__name__} layers are not converted (only nn.Linear and nn.Conv2d)"
             continue
         used.update(globs)
         if fmt == "dense":
@@ -162,9 +177,11 @@ def plan_layers(model: nn.Module, pattern: str, include: Sequence[str] | str | N
             plan.error = plan.reason if globs else None
         elif include is not None and not globs:
             plan.reason = "not matched by include"
+        elif isinstance(module, nn.Conv2d):
+            _plan_conv(plan, fmt, blocksize, explicit=bool(globs))
         else:
             _plan_linear(plan, fmt, blocksize, explicit=bool(globs))
     unused = [g for g in include or () if g not in used]
     if unused:
-        raise ValueError(f"include glob {unused[0]!r} matches no nn.Linear of the model")
+        raise ValueError(f"include glob {unused[0]!r} matches no nn.Linear or nn.Conv2d of the model")
     return plans

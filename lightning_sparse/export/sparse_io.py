@@ -14,11 +14,13 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_file, save_model
 from torch import Tensor, nn
 
+from lightning_sparse.core.patterns import as_matrix_shape
 from lightning_sparse.export.manifest import COMPONENTS, MANIFEST_FILE, MODEL_FILE, SPARSE_FILE, Manifest
 from lightning_sparse.export.plan import LayerPlan, parse_export_pattern, plan_layers
 from lightning_sparse.export.verify import check_example_input, tolerances, verify_outputs
 from lightning_sparse.formats.bsr import BSRWeight, check_bsr, dense_to_bsr
 from lightning_sparse.formats.semi_structured import dense_to_sparse24
+from lightning_sparse.nn.sparse_conv import SparseConv2d
 from lightning_sparse.nn.sparse_linear import SparseLinear
 
 __all__ = ["export_sparse", "load_sparse"]
@@ -31,6 +33,7 @@ def _check_model(model: nn.Module) -> None:
 
 def _components(plan: LayerPlan, fmt: str, blocksize: tuple[int, int] | None) -> dict[str, Tensor]:
     weight = plan.module.weight.detach()
+    weight = weight.reshape(weight.shape[0], -1)  # a Conv2d's matrix view (out, in * kh * kw)
     parts = dense_to_bsr(weight, blocksize)[:3] if fmt == "bsr" else dense_to_sparse24(weight)[:2]
     param = plan.entry()["param"]
     return {f"{param}.{name}": t.cpu().contiguous() for name, t in zip(COMPONENTS[fmt], parts, strict=True)}
@@ -53,8 +56,9 @@ def export_sparse(
 ) -> Manifest:
     """Writes ``model`` (dense weights with zeros) to the directory ``path`` and returns the :class:`Manifest`.
 
-    Writes ``model.safetensors`` (the full ``state_dict``), ``sparse.safetensors`` (the converted Linear weights,
-    keyed by parameter FQN) and, last, ``manifest.json``. Which layers convert is decided by
+    Writes ``model.safetensors`` (the full ``state_dict``), ``sparse.safetensors`` (the converted Linear and Conv2d
+    weights, a Conv2d's as its ``(out, in * kh * kw)`` matrix view, keyed by parameter FQN) and, last,
+    ``manifest.json``. Which layers convert is decided by
     :func:`~lightning_sparse.export.plan.plan_layers`; the manifest records the reason for every other layer.
     With ``example_input``, the model with its layers read back from ``sparse.safetensors`` must reproduce the
     dense model's outputs on that batch before the manifest is written. The model is not changed.
@@ -63,8 +67,8 @@ def export_sparse(
         model: the dense-with-zeros model.
         path: output directory (created; files of a previous export are overwritten).
         pattern: ``"RxC"`` BSR blocks (``"32x32"``), ``"2:4"``, or ``"dense"`` (only ``model.safetensors``).
-        include: FQN globs of the Linear layers to convert (module name or ``<name>.weight``); each matched
-            layer must fit the pattern. ``None``: every Linear that fits and holds zeros.
+        include: FQN globs of the Linear / Conv2d layers to convert (module name or ``<name>.weight``); each
+            matched layer must fit the pattern. ``None``: see :func:`~lightning_sparse.export.plan.plan_layers`.
         example_input: a real batch (Tensor or tuple of positional inputs) to verify the outputs on.
         rtol: relative tolerance of the check (default per dtype, see :data:`~.verify.DEFAULT_TOLERANCES`).
         atol: absolute tolerance of the check (default per dtype).
@@ -74,7 +78,7 @@ def export_sparse(
 
     Raises:
         TypeError: if ``model`` is not a Module, or ``include`` or ``example_input`` has the wrong type.
-        ValueError: on a bad ``pattern`` or tolerance, an ``include`` glob matching no Linear, an included layer
+        ValueError: on a bad ``pattern`` or tolerance, an ``include`` glob matching no layer, an included layer
             that does not fit the pattern, a layer whose weight breaks the 2:4 pattern, or outputs that differ.
 
     Example::
@@ -137,12 +141,30 @@ def check_layers(manifest: Manifest, model: nn.Module) -> None:
                 f"layer {name!r} ({type(module).__name__}) has weight shape {shape} but the manifest records "
                 f"{entry['shape']}: the export was made from another model"
             )
-        if entry["converted"] and not isinstance(module, nn.Linear):
-            raise ValueError(f"layer {name!r} is converted in the export but is a {type(module).__name__}, not Linear")
+        if entry["converted"] and not isinstance(module, nn.Linear | nn.Conv2d):
+            kind = type(module).__name__
+            raise ValueError(f"layer {name!r} is converted in the export but is a {kind}, not Linear or Conv2d")
+        if entry["converted"] and isinstance(module, nn.Conv2d) and manifest.format != "bsr":
+            raise ValueError(f"layer {name!r} is a Conv2d, which {manifest.format!r} exports never convert")
 
 
-def _read_layer(reader, manifest: Manifest, name: str, linear: nn.Linear) -> SparseLinear:
-    param, weight = manifest.layers[name]["param"], linear.weight
+def _empty_layer(manifest: Manifest, layer: nn.Linear | nn.Conv2d) -> SparseLinear | SparseConv2d:
+    if isinstance(layer, nn.Conv2d):
+        return SparseConv2d.empty_like(layer, manifest.blocksize)
+    weight = layer.weight
+    return SparseLinear(
+        layer.in_features,
+        layer.out_features,
+        manifest.format,
+        manifest.blocksize or 1,
+        layer.bias is not None,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
+
+
+def _read_layer(reader, manifest: Manifest, name: str, layer: nn.Linear | nn.Conv2d) -> SparseLinear | SparseConv2d:
+    param, weight = manifest.layers[name]["param"], layer.weight
     state, stored = {}, set(reader.keys())
     for component in COMPONENTS[manifest.format]:
         key = f"{param}.{component}"
@@ -151,24 +173,18 @@ def _read_layer(reader, manifest: Manifest, name: str, linear: nn.Linear) -> Spa
         tensor = reader.get_tensor(key).to(weight.device)
         state[component] = tensor.to(weight.dtype) if component == "values" else tensor
     if manifest.format == "bsr":
-        check_bsr(BSRWeight(state["crow_indices"], state["col_indices"], state["values"], tuple(weight.shape)))
-    sparse = SparseLinear(
-        linear.in_features,
-        linear.out_features,
-        manifest.format,
-        manifest.blocksize or 1,
-        linear.bias is not None,
-        device=weight.device,
-        dtype=weight.dtype,
-    )
-    if linear.bias is not None:
-        state["bias"] = linear.bias.detach().clone()
+        shape = as_matrix_shape(weight.shape)  # a Conv2d's (out, in * kh * kw)
+        check_bsr(BSRWeight(state["crow_indices"], state["col_indices"], state["values"], shape))
+    sparse = _empty_layer(manifest, layer)
+    if layer.bias is not None:
+        state["bias"] = layer.bias.detach().clone()
     sparse.load_state_dict(state)
     return sparse
 
 
-def sparse_layers(path: str | Path, manifest: Manifest, model: nn.Module) -> dict[str, SparseLinear]:
-    """The converted layers of an export as :class:`SparseLinear` (biases, device and dtype from ``model``).
+def sparse_layers(path: str | Path, manifest: Manifest, model: nn.Module) -> dict[str, nn.Module]:
+    """The converted layers of an export as :class:`SparseLinear` / :class:`SparseConv2d` (biases, device, dtype and
+    the convolution's configuration from ``model``).
 
     Raises:
         ValueError: if ``sparse.safetensors`` lacks a tensor a layer needs or its BSR components disagree.
@@ -178,17 +194,17 @@ def sparse_layers(path: str | Path, manifest: Manifest, model: nn.Module) -> dic
 
 
 def load_sparse(path: str | Path, model: nn.Module) -> nn.Module:
-    """Loads an export into ``model``: its full ``state_dict`` (strict), then its converted Linear layers.
+    """Loads an export into ``model``: its full ``state_dict`` (strict), then its converted layers.
 
-    The converted layers become :class:`~lightning_sparse.nn.SparseLinear` built from ``sparse.safetensors``
-    without re-converting anything; ``model`` is changed in place.
+    The converted layers become :class:`~lightning_sparse.nn.SparseLinear` / :class:`~lightning_sparse.nn.SparseConv2d`
+    built from ``sparse.safetensors`` without re-converting anything; ``model`` is changed in place.
 
     Args:
         path: an export directory written by :func:`export_sparse`.
-        model: a model of the exported architecture (plain ``nn.Linear`` layers).
+        model: a model of the exported architecture (plain ``nn.Linear`` / ``nn.Conv2d`` layers).
 
     Returns:
-        ``model`` (or the :class:`SparseLinear` when ``model`` itself is the converted Linear).
+        ``model`` (or the sparse module when ``model`` itself is the converted layer).
 
     Raises:
         TypeError: if ``model`` is not a Module.

@@ -1,8 +1,8 @@
-"""Side-by-side timing of dense vs sparse linear layers at a real shape (used by ``KernelBenchmark``).
+"""Side-by-side timing of dense vs sparse linear and conv layers at a real shape (used by ``KernelBenchmark``).
 
 On CUDA every candidate is timed with ``triton.testing.do_bench`` (median); on CPU with
 ``torch.utils.benchmark.Timer`` in alternating rounds (median), so load from other processes hits every candidate
-alike. Each candidate's output is checked against dense ``F.linear`` before it is timed; a candidate that fails or is
+alike. Each candidate's output is checked against the dense layer's before it is timed; a candidate that fails or is
 unavailable becomes a reason string instead of a time.
 
 Example::
@@ -30,10 +30,13 @@ from lightning_sparse.formats.bsr import bsr_to_torch
 from lightning_sparse.formats.semi_structured import to_torch_semi_structured
 from lightning_sparse.kernels.bsr_matmul import bsr_linear
 from lightning_sparse.kernels.sparse24_matmul import sparse24_linear
+from lightning_sparse.nn.sparse_conv import SparseConv2d
 from lightning_sparse.nn.sparse_linear import SparseLinear
 
 DENSE, SPARSE = "dense F.linear", "SparseLinear"
 """Candidate names: dense ``F.linear`` and what an exported model runs (:class:`SparseLinear`'s dispatch)."""
+DENSE_CONV, SPARSE_CONV = "dense Conv2d", "SparseConv2d"
+"""Candidate names of a convolution: the dense ``nn.Conv2d`` and :class:`SparseConv2d`."""
 
 
 def _describe(err: Exception) -> str:
@@ -82,6 +85,12 @@ def linear_candidates(
         except Exception as err:  # a missing backend must not hide the other rows
             fns[peer_name] = _raiser(err)
     return fns
+
+
+def conv_candidates(conv: nn.Conv2d, x: Tensor, blocksize: tuple[int, int]) -> dict[str, Callable[[], Tensor]]:
+    """Callables computing ``conv(x)``: the dense layer and :class:`SparseConv2d` (stored in ``blocksize`` blocks)."""
+    sparse = SparseConv2d.from_dense(conv, blocksize=blocksize)
+    return {DENSE_CONV: lambda: conv(x), SPARSE_CONV: lambda: sparse(x)}
 
 
 def _raiser(err: Exception) -> Callable[[], Tensor]:

@@ -53,6 +53,15 @@ def _gather_bsr_matmul(x: Tensor, weight: BSRWeight, dtype: torch.dtype) -> Tens
     return y.reshape(x.shape[0], n)
 
 
+def adopt_block_count(module: nn.Module, state_dict: dict[str, Any], prefix: str) -> None:
+    """Resizes ``module``'s ``col_indices`` and ``values`` buffers to the incoming BSR state's block count (which is
+    data-dependent), so ``load_state_dict`` accepts a state with another number of stored blocks."""
+    for name in ("col_indices", "values"):
+        incoming = state_dict.get(prefix + name)
+        if isinstance(incoming, Tensor) and incoming.shape != module._buffers[name].shape:
+            module._buffers[name] = module._buffers[name].new_empty(incoming.shape)
+
+
 class SparseLinear(nn.Module):
     """``y = x W^T + b`` with ``W`` stored as BSR blocks or 2:4-compressed; built with :meth:`from_dense`.
 
@@ -233,13 +242,8 @@ class SparseLinear(nn.Module):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        # A BSR state's block count (col_indices, values) is data-dependent: adopt the incoming shapes.
         if self.format == "bsr":
-            for name in ("col_indices", "values"):
-                incoming = state_dict.get(prefix + name)
-                if isinstance(incoming, Tensor) and incoming.shape != self._buffers[name].shape:
-                    current = self._buffers[name]
-                    self._buffers[name] = current.new_empty(incoming.shape)
+            adopt_block_count(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

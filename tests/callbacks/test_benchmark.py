@@ -4,8 +4,10 @@ import pickle
 
 import lightning.pytorch as pl
 import pytest
+import torch
 
 from lightning_sparse.callbacks import KernelBenchmark, MagnitudePruning
+from lightning_sparse.models import SmallCNN
 from tests.harness import harness_data, plain_model
 
 FAST = {"warmup": 0.5, "rep": 2.0}
@@ -31,7 +33,7 @@ def test_writes_a_ratio_per_layer_on_cpu(tmp_path, capsys):
     assert results == json.loads(json.dumps(benchmark.results))
     assert results["device"] == "cpu" and results["pattern"] == "4x4"
     rows = {row["name"]: row for row in results["layers"]}
-    assert rows["conv"]["reason"] == "Conv1d layers are not converted (only nn.Linear)"
+    assert rows["conv"]["reason"] == "Conv1d layers are not converted (only nn.Linear and nn.Conv2d)"
     assert "speedup" not in rows["conv"]
     for name in ("body.0", "body.2", "head"):
         row = rows[name]
@@ -73,3 +75,37 @@ def test_argument_errors():
     with pytest.raises(ValueError, match=r"dtype must be one of \('float32', 'float16', 'bfloat16'\) or None"):
         KernelBenchmark(dtype="half")
     assert pickle.loads(pickle.dumps(KernelBenchmark(tokens=3))).tokens == 3
+
+
+def image_batches():
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 1, 8, 8, generator=generator), torch.randint(0, 10, (32,), generator=generator)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+
+
+def test_times_conv_layers_and_the_whole_cnn(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = SmallCNN(image_size=8, width=16, scheduler=None)  # features.3: Conv2d(16, 32, 3), matrix view (32, 144)
+    benchmark = KernelBenchmark(dirpath=tmp_path, pattern="16x16", **FAST)
+    channels = MagnitudePruning(density=0.25, pattern="32x9", include=["features.3.weight"])  # 4 of 16 channels
+    blocks = MagnitudePruning(density=0.25, pattern="16x16", include=["classifier.1.weight"])
+    trainer = pl.Trainer(
+        max_steps=2, callbacks=[channels, blocks, benchmark], accelerator="cpu", logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    trainer.fit(model, image_batches())
+    rows = {row["name"]: row for row in benchmark.results["layers"]}
+    conv = rows["features.3"]
+    assert conv["type"] == "Conv2d" and conv["input_shape"] == [16, 16, 4, 4] and conv["errors"] == {}
+    assert set(conv["times_ms"]) == {"dense Conv2d", "SparseConv2d"} and all(map(positive, conv["times_ms"].values()))
+    assert positive(conv["speedup"]) and conv["faster"] == (conv["speedup"] > 1)
+    assert rows["features.0"]["reason"] == "matrix view (16, 9) is not divisible by the block 16x16"
+    assert rows["classifier.1"]["tokens"] == 16
+    for key in ("conv_speedup", "linear_speedup"):
+        assert positive(benchmark.results[key])
+    assert positive(benchmark.results["model"]["speedup"]) and benchmark.results["model"]["errors"] == {}
+    out = capsys.readouterr().out
+    assert "SparseConv2d vs dense" in out and "all converted Conv2d layers together" in out
+    again = KernelBenchmark(dirpath=tmp_path, tokens=5, pattern="16x16", **FAST).benchmark(trainer, model)
+    rows = {row["name"]: row for row in again["layers"]}
+    assert rows["classifier.1"]["tokens"] == 5 and rows["features.3"]["input_shape"] == [16, 16, 4, 4]  # from the batch

@@ -28,7 +28,7 @@ def test_exports_and_verifies_at_fit_end(tmp_path):
     model, _ = fit(tmp_path, MagnitudePruning(density=0.25, pattern="4x4"), export)
     manifest = export.manifest
     assert manifest.converted == ["body.0", "body.2", "head"]  # relative dirpath: under default_root_dir
-    assert manifest.skipped == {"conv": "Conv1d layers are not converted (only nn.Linear)"}
+    assert manifest.skipped == {"conv": "Conv1d layers are not converted (only nn.Linear and nn.Conv2d)"}
     assert manifest.layers["body.0"]["density"] == pytest.approx(0.25)
     assert manifest.verification["input_shape"] == [[16, 4, 9]]  # the first training batch
     loaded = load_sparse(tmp_path / "export", plain_model()).eval()

@@ -44,3 +44,23 @@ def test_drop_and_grow_reject_impossible_counts():
         drop_lowest(torch.zeros(2), mask, 2)
     with pytest.raises(ValueError, match="inactive count"):
         grow_highest(torch.zeros(2), mask, 2)
+
+
+@pytest.mark.parametrize("k", [0, 1, 37, 500, 999, 1000])
+def test_topk_equals_the_first_k_of_a_stable_descending_sort_with_many_ties(k):
+    scores = torch.randint(0, 7, (1000,), generator=torch.Generator().manual_seed(k)).float()
+    expected = torch.zeros(1000, dtype=torch.bool)
+    expected[torch.sort(scores, descending=True, stable=True).indices[:k]] = True
+    assert torch.equal(topk_mask(scores, k), expected)
+
+
+def test_drop_and_grow_on_a_non_contiguous_mask_and_tied_scores():
+    mask = (torch.arange(24).reshape(4, 6) % 3 == 0).t()  # a transposed view
+    scores = torch.ones(6, 4)
+    dropped = drop_lowest(scores, mask, 3)
+    assert dropped.sum() == int(mask.sum()) - 3
+    kept_order = torch.nonzero(mask.reshape(-1)).squeeze(1)
+    assert torch.equal(torch.nonzero(dropped.reshape(-1)).squeeze(1), kept_order[:-3])  # ties: higher indices go
+    grown = grow_highest(scores, dropped, 5)
+    new = torch.nonzero((grown & ~dropped).reshape(-1)).squeeze(1)
+    assert torch.equal(new, torch.nonzero(~dropped.reshape(-1)).squeeze(1)[:5])  # ties: lower indices grow

@@ -82,3 +82,34 @@ def test_straight_through_mask_passes_or_masks_the_gradient():
     x.grad = None
     straight_through_mask(x, keep, grad_keep).sum().backward()
     assert x.grad.tolist() == [1.0, 1.0, 0.0, 1.0]
+
+
+def test_float_keep_equals_bool_keep():
+    w = torch.randn(6, 5, requires_grad=True)
+    keep = hard_topk(w.detach().abs(), 0.4)
+    node = threshold_node([w], Unstructured(), soft_topk_threshold(w.detach().abs(), 0.4, 3.0), 3.0)
+    as_bool = spartan_weight(w, Unstructured(), node, 3.0, keep)
+    as_float = spartan_weight(w, Unstructured(), node, 3.0, keep.float())
+    torch.testing.assert_close(as_bool, as_float, rtol=0, atol=0)
+    grads = [torch.autograd.grad(out.square().sum(), w)[0] for out in (as_bool, as_float)]
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+def test_node_backward_reads_weights_changed_in_place_since_an_earlier_backward():
+    generator = torch.Generator().manual_seed(1)
+    a, b = (torch.randn(12, generator=generator, requires_grad=True) for _ in range(2))
+    scores = torch.cat([a.detach().abs(), b.detach().abs()])
+    threshold = soft_topk_threshold(scores, 0.5, 4.0)
+    keep = torch.ones(12, dtype=torch.bool)
+    node = threshold_node([a, b], Unstructured(), threshold, 4.0)
+    both = spartan_weight(a, Unstructured(), node, 4.0, keep) + spartan_weight(b, Unstructured(), node, 4.0, keep)
+    both.sum().backward()
+    with torch.no_grad():
+        b.mul_(1.5)  # an optimizer step: b's cached slope is stale
+    a.grad = b.grad = None
+    spartan_weight(a, Unstructured(), node, 4.0, keep).square().sum().backward()  # b takes no part in the forward
+    fresh_a, fresh_b = (t.detach().clone().requires_grad_() for t in (a, b))
+    fresh = threshold_node([fresh_a, fresh_b], Unstructured(), threshold, 4.0)
+    spartan_weight(fresh_a, Unstructured(), fresh, 4.0, keep).square().sum().backward()
+    torch.testing.assert_close(b.grad, fresh_b.grad, rtol=0, atol=0)
+    torch.testing.assert_close(a.grad, fresh_a.grad, rtol=0, atol=0)

@@ -7,7 +7,7 @@ from torch import nn
 
 from lightning_sparse.export import FORMAT_VERSION, Manifest, export_sparse, load_sparse, plan_layers
 from lightning_sparse.models import SmallCNN
-from lightning_sparse.nn import SparseLinear
+from lightning_sparse.nn import SparseConv2d, SparseLinear
 
 
 def mlp():
@@ -72,7 +72,7 @@ def test_manifest_contents(tmp_path):
     assert layer["param"] == "classifier.1.weight" and layer["shape"] == [128, 32] and layer["converted"]
     assert layer["density"] == pytest.approx((weight != 0).float().mean().item())
     assert layer["stored_density"] == pytest.approx(layer["density"])  # whole 32x32 blocks
-    assert data["layers"]["features.0"]["reason"] == "Conv2d layers are not converted (only nn.Linear)"
+    assert data["layers"]["features.0"]["reason"] == "matrix view (4, 9) is not divisible by the block 32x32"
     assert data["layers"]["classifier.3"]["reason"] == "shape (10, 128) is not divisible by the block 32x32"
     assert set(data["verification"]) >= {"max_abs_error", "rtol", "atol", "worst_layer"}
     stored = load_file(tmp_path / "sparse.safetensors")
@@ -203,3 +203,74 @@ def test_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="rtol must be >= 0, got -1"):
         export_sparse(mlp(), tmp_path, rtol=-1)
     assert not any(tmp_path.iterdir())
+
+
+def conv_cnn():
+    return SmallCNN(image_size=8, width=16, scheduler=None)  # features.3: Conv2d(16, 32, 3), matrix view (32, 144)
+
+
+def pruned_conv_cnn(channels=(0, 5, 9, 12)):
+    model = conv_cnn()
+    keep = torch.zeros(16, dtype=torch.bool)
+    keep[list(channels)] = True
+    model.features[3].weight.data *= keep[None, :, None, None]
+    prune_blocks_(model.classifier[1], 16)
+    return model.eval()
+
+
+def test_small_cnn_round_trip_with_a_sparse_conv(tmp_path):
+    model = pruned_conv_cnn()
+    x = torch.randn(5, 1, 8, 8)
+    manifest = export_sparse(model, tmp_path, pattern="16x16", example_input=x)
+    assert manifest.converted == ["features.3", "classifier.1"] and manifest.format_version == 1
+    assert manifest.skipped["features.0"] == "matrix view (16, 9) is not divisible by the block 16x16"
+    layer = manifest.layers["features.3"]
+    assert layer["type"] == "Conv2d" and layer["shape"] == [32, 16, 3, 3] and layer["density"] == pytest.approx(0.25)
+    assert layer["stored_density"] >= layer["density"]  # whole 16x16 blocks of the (32, 144) matrix view
+    assert load_file(tmp_path / "sparse.safetensors")["features.3.weight.values"].shape[1:] == (16, 16)
+    loaded = load_sparse(tmp_path, conv_cnn().eval())  # other random init: everything comes from the files
+    assert isinstance(loaded.features[3], SparseConv2d) and isinstance(loaded.classifier[1], SparseLinear)
+    assert loaded.features[3].used_channels.tolist() == [0, 5, 9, 12]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_conv_reading_most_channels_is_skipped_unless_included(tmp_path):
+    model = pruned_conv_cnn(channels=range(12))
+    reason = (
+        "reads 12 of 16 input channels: SparseConv2d skips unused input channels and is faster than dense only up "
+        "to 50% of them"
+    )
+    assert export_sparse(model, tmp_path, pattern="16x16").skipped["features.3"] == reason
+    manifest = export_sparse(
+        model, tmp_path, pattern="16x16", include=["features.3"], example_input=torch.randn(2, 1, 8, 8)
+    )
+    assert manifest.converted == ["features.3"]
+    assert isinstance(load_sparse(tmp_path, conv_cnn()).features[3], SparseConv2d)
+
+
+def test_included_conv_that_does_not_fit_raises(tmp_path):
+    model = pruned_conv_cnn()
+    with pytest.raises(ValueError, match=r"layer 'features.0' \(weight \(16, 1, 3, 3\)\) as pattern '16x16': matrix"):
+        export_sparse(model, tmp_path, pattern="16x16", include=["features.*"])
+    with pytest.raises(ValueError, match=r"layer 'features.3' .* as pattern '2:4': 2:4 is not a Conv2d format"):
+        export_sparse(model, tmp_path, pattern="2:4", include=["features.3"])
+    reasons = {plan.name: plan.reason for plan in plan_layers(model, "2:4")}
+    assert reasons["features.3"] == "2:4 is not a Conv2d format (SparseConv2d stores BSR blocks)"
+
+
+class PlainWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(64, 32))
+
+
+def test_converted_layer_of_another_kind_raises(tmp_path):
+    export_sparse(pruned(mlp, "16x16", ["0"]), tmp_path, pattern="16x16")
+    with pytest.raises(ValueError, match="layer '0' is converted in the export but is a PlainWeight, not Linear or"):
+        load_sparse(tmp_path, nn.Sequential(PlainWeight(), *mlp()[1:]))
+    export_sparse(pruned_conv_cnn(), tmp_path, pattern="16x16")
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**data, "format": "2:4"}))
+    with pytest.raises(ValueError, match="layer 'features.3' is a Conv2d, which '2:4' exports never convert"):
+        load_sparse(tmp_path, conv_cnn())

@@ -1,7 +1,16 @@
 import torch
 from torch import nn
 
-from lightning_sparse.kernels.timing import DENSE, SPARSE, check_candidates, linear_candidates, time_calls
+from lightning_sparse.kernels.timing import (
+    DENSE,
+    DENSE_CONV,
+    SPARSE,
+    SPARSE_CONV,
+    check_candidates,
+    conv_candidates,
+    linear_candidates,
+    time_calls,
+)
 
 
 def test_cpu_candidates_agree_with_dense_and_time_positive():
@@ -27,3 +36,10 @@ def test_wrong_or_failing_candidates_are_reported():
 
 def test_no_functions_no_times():
     assert time_calls({}, "cpu") == {}
+
+
+def test_conv_candidates_agree_with_dense():
+    conv = nn.Conv2d(8, 4, 3, padding=1)
+    conv.weight.data[:, 2:] = 0.0
+    good, bad = check_candidates(conv_candidates(conv, torch.randn(2, 8, 5, 5), (4, 9)), reference=DENSE_CONV)
+    assert set(good) == {DENSE_CONV, SPARSE_CONV} and bad == {}

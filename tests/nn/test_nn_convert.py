@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_sparse.nn import SparseLinear, to_sparse_inference
+from lightning_sparse.nn import SparseConv2d, SparseLinear, to_sparse_inference
 
 
 def prune_blocks_(linear, block=16, density=0.5):
@@ -51,9 +51,7 @@ def test_include_globs():
 def test_include_glob_without_a_fitting_layer_raises():
     model = mlp()
     prune_24_(model[0])
-    with pytest.raises(
-        ValueError, match=r"include glob '4' matched no nn.Linear that fits pattern '16x16': '4': shape"
-    ):
+    with pytest.raises(ValueError, match=r"include glob '4' matched no layer that fits pattern '16x16': '4': shape"):
         to_sparse_inference(model, pattern="16x16", include=["0", "4"])
     assert type(model[0]) is nn.Linear  # checked before any swap
     with pytest.raises(ValueError, match="glob '2' .* pattern '2:4': '2': the weight is not 2:4 sparse"):
@@ -62,7 +60,7 @@ def test_include_glob_without_a_fitting_layer_raises():
     assert isinstance(model[0], SparseLinear) and type(model[2]) is nn.Linear
     with pytest.raises(ValueError, match=r"glob '\*' .* '0': in_features 6 is not divisible by 4"):
         to_sparse_inference(nn.Sequential(nn.Linear(6, 4)), pattern="2:4", include="*")
-    with pytest.raises(ValueError, match="glob 'encoder.*' matched no nn.Linear that fits .*: no nn.Linear matched it"):
+    with pytest.raises(ValueError, match="glob 'encoder.*' matched no layer .*: no nn.Linear or nn.Conv2d matched it"):
         to_sparse_inference(model, include=["encoder.*"])
 
 
@@ -110,3 +108,52 @@ def test_bad_pattern(pattern):
 def test_bad_min_sparsity(min_sparsity):
     with pytest.raises(ValueError, match=f"min_sparsity must be in \\[0, 1\\], got {min_sparsity}"):
         to_sparse_inference(mlp(), min_sparsity=min_sparsity)
+
+
+def cnn():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2), nn.Flatten(), nn.Linear(144, 16)
+    )
+
+
+def keep_channels_(conv, channels):
+    mask = torch.zeros(conv.in_channels, dtype=torch.bool)
+    mask[list(channels)] = True
+    conv.weight.data *= mask[None, :, None, None]
+
+
+def test_cnn_converts_convs_that_read_few_channels():
+    model = cnn().eval()
+    keep_channels_(model[2], [1, 4, 6])  # 3 of 8 input channels
+    prune_blocks_(model[4])
+    x = torch.randn(2, 3, 7, 7)
+    expected = model(x)
+    to_sparse_inference(model, pattern="8x9")  # model[0] fits too, but reads every channel: stays dense
+    assert [type(model[i]) for i in (0, 2, 4)] == [nn.Conv2d, SparseConv2d, SparseLinear]
+    assert model[2].used_channels.tolist() == [1, 4, 6] and model[2].blocksize == (8, 9)
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_conv_reading_most_channels_stays_dense_unless_included():
+    model = cnn().eval()
+    model[2].weight.data *= torch.rand_like(model[2].weight) < 0.1  # unstructured: reads (nearly) every channel
+    assert type(to_sparse_inference(model, pattern="1x1")[2]) is nn.Conv2d  # not faster: the rule keeps it dense
+    x = torch.randn(2, 3, 7, 7)
+    expected = model(x)
+    to_sparse_inference(model, pattern="1x1", include="2")
+    assert isinstance(model[2], SparseConv2d)
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_unsupported_convs_stay_dense_or_raise_when_included():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
+    for conv in model:
+        conv.weight.data.zero_()
+    to_sparse_inference(model, pattern="1x1")
+    assert all(type(conv) is nn.Conv2d for conv in model)
+    with pytest.raises(ValueError, match=r"glob '0' matched no layer .*: '0': groups=2 is not supported"):
+        to_sparse_inference(model, pattern="1x1", include="0")
+    with pytest.raises(ValueError, match=r"glob '1' .*: '1': padding_mode='reflect' is not supported"):
+        to_sparse_inference(model, pattern="1x1", include="1")
+    with pytest.raises(ValueError, match=r"glob '0' .* pattern '2:4': '0': 2:4 is not a Conv2d format"):
+        to_sparse_inference(model, pattern="2:4", include="0")
