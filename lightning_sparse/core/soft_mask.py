@@ -53,18 +53,25 @@ class _StraightThrough(torch.autograd.Function):
         ctx.masked = grad_keep is not None
         if ctx.masked:
             ctx.save_for_backward(grad_keep)
-        return torch.where(keep, x, x.new_zeros(()))
+        return _apply_mask(x, keep)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         if ctx.masked:
             (grad_keep,) = ctx.saved_tensors
-            grad = torch.where(grad_keep, grad, grad.new_zeros(()))
+            grad = _apply_mask(grad, grad_keep)
         return grad, None, None
 
 
+def _apply_mask(x: Tensor, keep: Tensor) -> Tensor:
+    """``x`` where ``keep`` and 0 elsewhere; ``keep`` is bool or 0/1 values (one multiply, for finite ``x``)."""
+    return torch.where(keep, x, x.new_zeros(())) if keep.dtype == torch.bool else x * keep.to(x.dtype)
+
+
 def straight_through_mask(x: Tensor, keep: Tensor, grad_keep: Tensor | None = None) -> Tensor:
-    """``x`` where ``keep`` (bool) and 0 elsewhere; the gradient passes unmasked, or masked by ``grad_keep``."""
+    """``x`` where ``keep`` and 0 elsewhere; the gradient passes unmasked, or masked by ``grad_keep``.
+
+    ``keep`` and ``grad_keep`` are bool, or 0/1 values (a multiply: faster, for finite ``x``)."""
     return _StraightThrough.apply(x, keep, grad_keep)
 
 

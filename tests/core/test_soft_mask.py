@@ -113,3 +113,13 @@ def test_node_backward_reads_weights_changed_in_place_since_an_earlier_backward(
     spartan_weight(fresh_a, Unstructured(), fresh, 4.0, keep).square().sum().backward()
     torch.testing.assert_close(b.grad, fresh_b.grad, rtol=0, atol=0)
     torch.testing.assert_close(a.grad, fresh_a.grad, rtol=0, atol=0)
+
+
+def test_straight_through_mask_takes_bool_or_float_masks_alike():
+    x = torch.randn(5, 7, requires_grad=True)
+    keep, grad_keep = torch.rand(5, 7) < 0.3, torch.rand(5, 7) < 0.6
+    results = []
+    for masks in ((keep, grad_keep), (keep.float(), grad_keep.float())):
+        out = straight_through_mask(x, *masks)
+        results.append((out, torch.autograd.grad(out.square().sum() + out.sum(), x)[0]))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
