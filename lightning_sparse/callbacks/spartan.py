@@ -28,6 +28,7 @@ from torch import Tensor
 
 from lightning_sparse.callbacks.masked import MaskedForwardCallback
 from lightning_sparse.callbacks.scheduler import SparsityScheduler, find_scheduler
+from lightning_sparse.core.masks import topk_threshold
 from lightning_sparse.core.patterns import NM, Blocks
 from lightning_sparse.core.schedules import Schedule, resolve_step
 from lightning_sparse.core.soft_mask import (
@@ -42,6 +43,7 @@ from lightning_sparse.core.soft_mask import (
 COSTS = ("params", "flops")
 DEFAULT_SHARPNESS = 20.0
 WARMUP = 0.2  # the reference's density ramp: 1 -> density over the first 20% of the run
+HINT_MARGIN = 0.02  # the hard top-k selects among the entries above (1 - this) x the previous k-th value
 
 
 @dataclass
@@ -53,6 +55,7 @@ class _Budget:
     sharpness: float
     value: Tensor | None = field(default=None, repr=False)  # the threshold as a float32 tensor on the weights' device
     node: Tensor | None = field(default=None, repr=False)  # the shared threshold node (graph; never pickled)
+    kth: float | None = None  # the hard top-k's last kept value: a hint for the next selection (not state)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "node": None}
@@ -273,11 +276,23 @@ class Spartan(MaskedForwardCallback):
                                for n, s in zip(names, scores, strict=True)])
         guess = None if previous is None or not math.isfinite(previous.threshold) else previous.threshold
         threshold = soft_topk_threshold(flat, density, beta, costs, guess)
-        hard = hard_topk(flat, density, costs) if density < 1 else torch.ones_like(flat, dtype=torch.bool)
-        budget = _Budget(tuple(names), threshold, beta)
+        hard, kth = self._hard_topk(flat, density, costs, previous)
+        budget = _Budget(tuple(names), threshold, beta, kth=kth)
         self._budgets.update(dict.fromkeys(names, budget))
         chunks = torch.split(hard, [s.numel() for s in scores])
         return {n: self.pattern.expand(c, params[n].shape) for n, c in zip(names, chunks, strict=True)}
+
+    @staticmethod
+    def _hard_topk(
+        flat: Tensor, density: float, costs: Tensor | None, previous: _Budget | None
+    ) -> tuple[Tensor, float | None]:
+        """The exact hard top-k; its selection starts just under the previous step's k-th value when there is one."""
+        if density == 1:
+            return torch.ones_like(flat, dtype=torch.bool), None
+        if costs is not None:
+            return hard_topk(flat, density, costs), None
+        below = None if previous is None or previous.kth is None else previous.kth - HINT_MARGIN * abs(previous.kth)
+        return topk_threshold(flat, round(density * flat.numel()), below)
 
     def update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, Tensor]:
         changed = super().update_masks(trainer, pl_module, step)

@@ -18,6 +18,8 @@ Example::
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -27,24 +29,45 @@ def _check_finite(scores: Tensor, argument: str = "scores") -> None:
         raise ValueError(f"{argument} must be finite, got {int((~torch.isfinite(scores)).sum())} NaN/inf entries")
 
 
-def topk_flat(flat: Tensor, k: int) -> Tensor:
+def topk_flat(flat: Tensor, k: int, below: float | None = None) -> Tensor:
     """Mask of the ``k`` highest entries of a flat tensor, ties at the k-th value to the lowest indices.
 
     One selection (``kthvalue``, O(n)) and a compare instead of a sort: the result equals the first ``k`` of a
-    stable descending sort.
+    stable descending sort. See :func:`topk_threshold` for ``below``.
+    """
+    return topk_threshold(flat, k, below)[0]
+
+
+def topk_threshold(flat: Tensor, k: int, below: float | None = None) -> tuple[Tensor, float]:
+    """:func:`topk_flat`'s mask and the k-th highest value (``-inf`` for ``k == 0``).
+
+    ``below`` is an optional hint: a value a little under the k-th highest one (e.g. the previous training step's
+    k-th value minus a margin). When between ``k`` and ``2 k`` entries exceed it, the selection runs on those
+    entries only; otherwise on all of them. The result is the same either way.
     """
     mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     if k == 0:
-        return mask
-    if k == flat.numel():
-        return mask.fill_(True)
+        return mask, -math.inf
     values = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
-    kth = torch.kthvalue(values, values.numel() - k + 1).values
+    if k == flat.numel():
+        return mask.fill_(True), values.min().item()
+    kth = None if below is None else _kth_above(values, k, below, mask)
+    if kth is None:
+        kth = torch.kthvalue(values, values.numel() - k + 1).values
     torch.gt(values, kth, out=mask)
     missing = k - int(torch.count_nonzero(mask))
     if missing:
         mask[torch.nonzero(values == kth).squeeze(1)[:missing]] = True
-    return mask
+    return mask, float(kth)
+
+
+def _kth_above(values: Tensor, k: int, below: float, buffer: Tensor) -> Tensor | None:
+    """The k-th highest value, selected among the entries above ``below``; None when they are not k to 2k."""
+    torch.gt(values, below, out=buffer)
+    count = int(torch.count_nonzero(buffer))
+    if not k <= count <= 2 * k:
+        return None
+    return torch.kthvalue(values[buffer], count - k + 1).values
 
 
 def topk_indices(scores: Tensor, k: int) -> Tensor:

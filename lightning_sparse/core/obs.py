@@ -33,6 +33,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -40,6 +41,7 @@ from torch import Tensor
 
 from lightning_sparse.core.density import check_density
 from lightning_sparse.core.masks import topk_mask
+from lightning_sparse.core.obs_refine import patterns, refit_kept, reselect_nm
 from lightning_sparse.core.patterns import NM, as_matrix_shape, parse_pattern
 
 _DTYPE = torch.float64
@@ -70,6 +72,11 @@ def inverse_hessian_factor(hessian: Tensor, damp: float = 0.01, name: str = "wei
     Raises:
         ValueError: when ``hessian`` holds NaN/inf, or no damping level makes it positive definite.
     """
+    return _damped_factor(hessian, damp, name)[1]
+
+
+def _damped_factor(hessian: Tensor, damp: float, name: str) -> tuple[Tensor, Tensor]:
+    """``(H + lambda I, U)`` for the first damping level that works (see :func:`inverse_hessian_factor`)."""
     h = hessian.to(_DTYPE)
     if not torch.isfinite(h).all():
         raise ValueError(f"the Hessian of {name} holds NaN/inf; check the calibration inputs of {name}")
@@ -77,13 +84,14 @@ def inverse_hessian_factor(hessian: Tensor, damp: float = 0.01, name: str = "wei
     mean_diag = h.diagonal().mean()
     levels = [damp] + [max(damp, 1e-4) * 10**k for k in (1, 2, 3)]
     for level in levels:
-        chol, info = torch.linalg.cholesky_ex(h + level * mean_diag * eye)
+        damped = h + level * mean_diag * eye
+        chol, info = torch.linalg.cholesky_ex(damped)
         if info == 0:
             factor, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
             if info == 0:
                 if level != damp:
                     warnings.warn(f"the Hessian of {name} needed damp={level:g} (asked {damp:g})", stacklevel=2)
-                return factor
+                return damped, factor
     raise ValueError(
         f"the Hessian of {name} is not positive definite even with damp={levels[-1]:g} x mean(diag(H)); "
         "use more calibration data or a larger damp"
@@ -107,11 +115,62 @@ def check_budget(density: float | None, nm: str | NM | None) -> tuple[float | No
     return None, pattern
 
 
-def _prune_block(w: Tensor, u: Tensor, mask: Tensor, start: int, end: int, nm: NM | None, keep: int) -> Tensor:
-    """OBS-prune columns ``start:end`` of ``w`` in place, filling ``mask``; returns the block's scaled errors."""
+def check_refinement(nm_selection: str, refit: bool, reselect: int, nm: NM | None) -> None:
+    """Validate the options of :func:`obs_prune` beyond SparseGPT's sweep.
+
+    Raises:
+        ValueError: an unknown ``nm_selection``; ``reselect < 0``; ``reselect > 0`` without ``nm`` or without
+            ``refit``; more than 1024 patterns per group for the exact (``"joint"`` or ``reselect``) N:M choice.
+        TypeError: ``refit`` not a bool or ``reselect`` not an int.
+    """
+    if nm_selection not in ("joint", "independent"):
+        raise ValueError(f"nm_selection must be 'joint' or 'independent', got {nm_selection!r}")
+    if not isinstance(refit, bool):
+        raise TypeError(f"refit must be a bool, got {type(refit).__name__}: {refit!r}")
+    if isinstance(reselect, bool) or not isinstance(reselect, int):
+        raise TypeError(f"reselect must be an int, got {type(reselect).__name__}: {reselect!r}")
+    if reselect < 0:
+        raise ValueError(f"reselect must be >= 0, got {reselect}")
+    if reselect and nm is None:
+        raise ValueError(f"reselect={reselect} re-selects N:M masks and needs nm='N:M', got unstructured pruning")
+    if reselect and not refit:
+        raise ValueError(f"reselect={reselect} re-selects masks for least-squares weights and needs refit=True")
+    exact = nm is not None and (nm_selection == "joint" or reselect)
+    if exact and math.comb(nm.m, nm.n) > 1024:
+        raise ValueError(
+            f"nm={str(nm)!r} has {math.comb(nm.m, nm.n)} patterns per group, more than the 1024 the exact "
+            "choice enumerates; use nm_selection='independent' and reselect=0"
+        )
+
+
+def _joint_groups(block: Tensor, ublock: Tensor, mask: Tensor, errors: Tensor, removed: Tensor, m: int) -> None:
+    """OBS-prune a block group by group, each group's removal set :math:`S` chosen and removed jointly (in place)."""
+    rows = torch.arange(block.shape[0], device=block.device)
+    for j in range(0, block.shape[1], m):
+        group = slice(j, j + m)
+        u = ublock[group, group]
+        inv = u.T @ u  # the group's block of the inverse Hessian of the columns not yet pruned
+        sub_inv = torch.linalg.inv(inv[removed[:, :, None], removed[:, None, :]])  # (C, s, s)
+        w_s = block[:, group][:, removed]  # (rows, C, s)
+        best = torch.einsum("rcs,cst,rct->rc", w_s, sub_inv, w_s).argmin(1)
+        lift = u[:, removed].permute(1, 0, 2) @ sub_inv  # (C, M, s)
+        errors[:, group] = torch.einsum("rms,rs->rm", lift[best], w_s[rows, best])
+        mask[:, group] = torch.ones_like(mask[:, group]).scatter_(1, removed[best], False)
+        block[:, j:] -= errors[:, group] @ ublock[group, j:]
+        block[:, group].masked_fill_(~mask[:, group], 0.0)
+
+
+def _prune_block(
+    w: Tensor, u: Tensor, mask: Tensor, start: int, end: int, nm: NM | None, keep: int, removed: Tensor | None
+) -> Tensor:
+    """OBS-prune columns ``start:end`` of ``w`` in place, filling ``mask``; returns the block's scaled errors.
+    ``removed``: the removal sets of every N:M pattern for the joint choice (None: per-column saliency)."""
     block, ublock = w[:, start:end], u[start:end, start:end]
     diag = ublock.diagonal()
     errors = torch.zeros_like(block)
+    if removed is not None:
+        _joint_groups(block, ublock, mask[:, start:end], errors, removed, nm.m)
+        return errors
     if nm is None:
         mask[:, start:end] = topk_mask(block.square() / diag.square(), keep)
     for j in range(end - start):
@@ -135,6 +194,9 @@ def obs_prune(
     block_size: int = 128,
     damp: float = 0.01,
     name: str = "weight",
+    nm_selection: str = "joint",
+    refit: bool = False,
+    reselect: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Prune ``weight`` with SparseGPT's OBS updates; returns ``(new_weight, mask)`` of ``weight``'s shape and dtype.
 
@@ -146,32 +208,52 @@ def obs_prune(
         block_size: columns per lazy-update block (rounded down to a multiple of ``M``, at least ``M``).
         damp: dampening, relative to the mean of :math:`\\operatorname{diag} H`.
         name: the layer's name, for error messages.
+        nm_selection: ``"joint"`` (default) removes the ``M - N`` weights of a group with the least exact joint OBS
+            error, :math:`w_S^\\top ([H_F^{-1}]_{SS})^{-1} w_S`, and updates every later weight of the row, the
+            group's kept ones included; ``"independent"``: the paper's per-weight saliency and column-by-column
+            updates.
+        refit: replace the kept weights by their least-squares optimum on the damped Hessian
+            (:func:`~lightning_sparse.core.obs_refine.refit_kept`); never worse on the calibration data, but
+            :math:`O(\\text{rows} \\cdot k^3)`.
+        reselect: passes of exact group-wise N:M mask re-selection
+            (:func:`~lightning_sparse.core.obs_refine.reselect_nm`) after the sweep; needs ``nm`` and ``refit``.
 
     Raises:
         ValueError: for both or neither of ``density``/``nm``, a bad pattern, ``M`` not dividing ``cols``, a Hessian
-            of the wrong shape, ``block_size < 1`` or ``damp < 0``, or a Hessian that is not positive definite.
+            of the wrong shape, ``block_size < 1`` or ``damp < 0``, a Hessian that is not positive definite, or a bad
+            option (see :func:`check_refinement`).
     """
     density, pattern = check_budget(density, nm)
+    check_refinement(nm_selection, refit, reselect, pattern)
     rows, cols = as_matrix_shape(weight.shape)
     if tuple(hessian.shape) != (cols, cols):
-        raise ValueError(f"the Hessian of {name} must be ({cols}, {cols}) for a weight of shape {tuple(weight.shape)}, "
-                         f"got {tuple(hessian.shape)}")
+        raise ValueError(
+            f"the Hessian of {name} must be ({cols}, {cols}) for a weight of shape {tuple(weight.shape)}, "
+            f"got {tuple(hessian.shape)}"
+        )
     if block_size < 1 or damp < 0:
         raise ValueError(f"block_size must be >= 1 and damp >= 0, got block_size={block_size}, damp={damp}")
+    removed = None
     if pattern is not None:
         pattern.check(name, tuple(weight.shape))
         block_size = max(pattern.m, block_size - block_size % pattern.m)
-    w = weight.detach().reshape(rows, cols).to(_DTYPE).clone()
-    h = hessian.detach().to(device=w.device, dtype=_DTYPE).clone()
+        removed = patterns(pattern, weight.device)[0] if nm_selection == "joint" else None
+    target = weight.detach().reshape(rows, cols).to(_DTYPE).clone()
+    h = hessian.detach().to(device=target.device, dtype=_DTYPE).clone()
     dead = h.diagonal() == 0
     h.diagonal()[dead] = 1.0
-    w[:, dead] = 0.0
-    u = inverse_hessian_factor(h, damp, name)
+    target[:, dead] = 0.0
+    damped, u = _damped_factor(h, damp, name)
+    w = target.clone()
     pruned = 0 if pattern is not None else rows * cols - round(density * rows * cols)
     mask = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
         keep = rows * (end - start) - (round(pruned * end / cols) - round(pruned * start / cols))
-        errors = _prune_block(w, u, mask, start, end, pattern, keep)
+        errors = _prune_block(w, u, mask, start, end, pattern, keep, removed)
         w[:, end:] -= errors @ u[start:end, end:]
+    for _ in range(reselect):
+        mask = reselect_nm(target, damped, mask, pattern)
+    if refit:
+        w = refit_kept(target, damped, mask)
     return w.reshape(weight.shape).to(weight.dtype), mask.reshape(weight.shape)

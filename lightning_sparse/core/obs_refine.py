@@ -84,7 +84,7 @@ def refit_kept(weight: Tensor, hessian: Tensor, mask: Tensor) -> Tensor:
     return out
 
 
-def _patterns(nm: NM, device: torch.device) -> tuple[Tensor, Tensor]:
+def patterns(nm: NM, device: torch.device) -> tuple[Tensor, Tensor]:
     """``(removed, kept)`` column offsets of every pattern of one group: ``(C, M - N)`` and ``(C, N)``."""
     kept = list(itertools.combinations(range(nm.m), nm.n))
     removed = [[j for j in range(nm.m) if j not in keep] for keep in kept]
@@ -115,7 +115,7 @@ def _reselect_rows(w: Tensor, h: Tensor, mask: Tensor, nm: NM, lazy: int) -> Ten
     base = torch.cholesky_inverse(torch.linalg.cholesky(h[idx[:, :, None], idx[:, None, :]]))  # (H_KK)^-1
     lows = w.new_zeros(rows, k, rank * lazy)  # (H_KK)^-1 = base + lows @ cores @ lows^T
     cores = w.new_zeros(rows, rank * lazy, rank * lazy)
-    removed, kept = _patterns(nm, w.device)
+    removed, kept = patterns(nm, w.device)
     eye, b, used = torch.eye(n, dtype=_DTYPE, device=w.device), w @ h, 0
     for g in range(cols // m):
         slots, group = slice(g * n, g * n + n), torch.arange(g * m, g * m + m, device=w.device)

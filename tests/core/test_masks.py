@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lightning_sparse.core.masks import drop_lowest, grow_highest, topk_mask
+from lightning_sparse.core.masks import drop_lowest, grow_highest, topk_mask, topk_threshold
 
 
 def test_topk_exact_count_and_tie_break_by_index():
@@ -64,3 +64,20 @@ def test_drop_and_grow_on_a_non_contiguous_mask_and_tied_scores():
     grown = grow_highest(scores, dropped, 5)
     new = torch.nonzero((grown & ~dropped).reshape(-1)).squeeze(1)
     assert torch.equal(new, torch.nonzero(~dropped.reshape(-1)).squeeze(1)[:5])  # ties: lower indices grow
+
+
+@pytest.mark.parametrize("below", [None, -10.0, 0.5, 0.9, 0.99, 2.0])  # all, too many, in range, too few
+def test_topk_threshold_hint_never_changes_the_result(below):
+    scores = torch.rand(5000, generator=torch.Generator().manual_seed(3)).mul(100).round().div(100)  # many ties
+    expected = topk_mask(scores, 400)
+    mask, kth = topk_threshold(scores, 400, below)
+    assert torch.equal(mask, expected)
+    assert kth == scores[expected].min().item()
+
+
+def test_topk_threshold_of_zero_and_all():
+    scores = torch.tensor([3.0, 1.0, 2.0])
+    mask, kth = topk_threshold(scores, 0)
+    assert not mask.any() and kth == float("-inf")
+    mask, kth = topk_threshold(scores, 3)
+    assert mask.all() and kth == 1.0
