@@ -12,7 +12,8 @@
    since torch's CPU max-pool is several times faster in channels_last than on NCHW tensors.
 
 Run: ``python benchmarks/cnn_cpu.py`` (``--epochs 1`` for a quicker, less accurate model; ``--conv-pattern 32x9``
-to trade speed for accuracy). Ratios are dense time over sparse time (> 1: the sparse model is faster).
+to trade speed for accuracy; ``--from-export DIR`` to time an earlier run's export without training). Ratios are
+dense time over sparse time (> 1: the sparse model is faster).
 """
 
 from __future__ import annotations
@@ -23,21 +24,22 @@ import time
 
 import lightning.pytorch as pl
 import torch
+from safetensors.torch import load_model
 from torch import nn
 
 from lightning_sparse.callbacks import MagnitudePruning, SparsityScheduler
 from lightning_sparse.data import FashionMNISTDataModule
 from lightning_sparse.export import export_sparse, load_sparse
+from lightning_sparse.export.manifest import MODEL_FILE
 from lightning_sparse.kernels.timing import time_calls
 from lightning_sparse.models import SmallCNN
 
 LAYERS = ("features.3", "classifier.1")
 
 
-def train_pruned(epochs: int, conv_pattern: str, data_dir: str) -> tuple[SmallCNN, FashionMNISTDataModule]:
+def train_pruned(epochs: int, conv_pattern: str, data: FashionMNISTDataModule) -> SmallCNN:
     """GMP to 10% (conv in ``conv_pattern`` blocks, the big Linear in 32x32 blocks); prints the test accuracy."""
     pl.seed_everything(0, verbose=False)
-    data = FashionMNISTDataModule(data_dir=data_dir, batch_size=128)
     callbacks = [
         SparsityScheduler(density=0.1, start=0, end=0.6, shape="cubic"),
         MagnitudePruning(pattern=conv_pattern, include=["features.3.weight"], update_every=25),
@@ -57,7 +59,7 @@ def train_pruned(epochs: int, conv_pattern: str, data_dir: str) -> tuple[SmallCN
     trainer.fit(model, datamodule=data)
     accuracy = trainer.test(model, datamodule=data, verbose=False)[0]["test_acc"]
     print(f"GMP {trainer.global_step} steps ({epochs} epochs), features.3 {conv_pattern}: test accuracy {accuracy:.4f}")
-    return model.eval(), data
+    return model.eval()
 
 
 def layer_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -81,18 +83,25 @@ def measure(dense: nn.Module, sparse: nn.Module, x: torch.Tensor, rep_ms: float)
     """One table row: per-layer and whole-model ratios for batch ``x`` at the current thread count."""
     cl = torch.channels_last
     dense_cl, sparse_cl = copy.deepcopy(dense).to(memory_format=cl), copy.deepcopy(sparse).to(memory_format=cl)
-    inputs = layer_inputs(dense, x)
-    fns = {f"dense {n}": (lambda n=n: dense.get_submodule(n)(inputs[n])) for n in LAYERS}
-    fns |= {f"sparse {n}": (lambda n=n: sparse.get_submodule(n)(inputs[n])) for n in LAYERS}
-    fns |= {"dense": lambda: dense(x), "sparse": lambda: sparse(x)}
-    fns |= {"dense cl": lambda: dense_cl(x), "sparse cl": lambda: sparse_cl(x)}
+    models = {"dense": dense, "sparse": sparse, "dense cl": dense_cl, "sparse cl": sparse_cl}
     for name in ("sparse", "sparse cl"):
-        torch.testing.assert_close(fns[name](), fns["dense"](), rtol=1e-4, atol=1e-4)
-    times = time_calls(fns, "cpu", warmup=200.0, rep=rep_ms)
-    cells = [ratio(times, f"dense {n}", f"sparse {n}") for n in LAYERS]
+        torch.testing.assert_close(models[name](x), dense(x), rtol=1e-4, atol=1e-4)
+    inputs = layer_inputs(dense, x)
+    cells = []
+    for n in LAYERS:  # each group timed on its own: time_calls runs rounds until its fastest candidate had rep_ms
+        fns = {kind: (lambda m=m, n=n: m.get_submodule(n)(inputs[n])) for kind, m in (("d", dense), ("s", sparse))}
+        cells.append(ratio(time_calls(fns, "cpu", warmup=100.0, rep=rep_ms), "d", "s"))
+    times = time_calls({name: (lambda m=m: m(x)) for name, m in models.items()}, "cpu", warmup=100.0, rep=rep_ms)
     cells += [f"{times['dense']:.1f} ms", ratio(times, "dense", "sparse"), ratio(times, "dense cl", "sparse cl")]
     cells.append(ratio(times, "dense", "sparse cl"))
     return " | ".join([str(torch.get_num_threads()), str(x.shape[0]), *cells])
+
+
+def load_export(path: str) -> tuple[nn.Module, nn.Module]:
+    """The dense-with-zeros model (``model.safetensors``) and the sparse model of an export directory."""
+    dense = SmallCNN()
+    load_model(dense, f"{path}/{MODEL_FILE}", strict=True)
+    return dense.eval(), load_sparse(path, SmallCNN()).eval()
 
 
 def main() -> None:
@@ -101,17 +110,21 @@ def main() -> None:
     parser.add_argument("--conv-pattern", default="64x9", help='blocks of features.3 (default "64x9": input channels)')
     parser.add_argument("--batches", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--rep", type=float, default=3000.0, help="milliseconds of timed calls per candidate")
-    parser.add_argument("--out", default="/tmp/cnn_cpu_export")
+    parser.add_argument("--rep", type=float, default=1000.0, help="milliseconds of timed calls per candidate")
+    parser.add_argument("--out", default="/tmp/cnn_cpu_export", help="where the trained model is exported")
+    parser.add_argument("--from-export", default=None, help="time an earlier run's export instead of training")
     parser.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
     args = parser.parse_args()
     started = time.time()
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    model, data = train_pruned(args.epochs, args.conv_pattern, args.data_dir)
+    data = FashionMNISTDataModule(data_dir=args.data_dir, batch_size=128)
+    if args.from_export is None:
+        model = train_pruned(args.epochs, args.conv_pattern, data)
+        batch = next(iter(data.test_dataloader()))[0]
+        print(export_sparse(model, args.out, pattern="32x32", example_input=batch).summary())
+    data.setup("test")
     images = torch.cat([batch[0] for _, batch in zip(range(2), data.test_dataloader(), strict=False)])
-    manifest = export_sparse(model, args.out, pattern="32x32", example_input=images[:128])
-    print(manifest.summary())
-    sparse = load_sparse(args.out, SmallCNN()).eval()
+    dense, sparse = load_export(args.from_export or args.out)
     print({name: type(sparse.get_submodule(name)).__name__ for name in LAYERS})
     print(f"\nspeedup over dense (torch {torch.__version__}); whole-model columns: dense time, sparse vs dense (NCHW),")
     print("sparse channels_last vs dense channels_last, sparse channels_last vs dense NCHW")
@@ -119,7 +132,7 @@ def main() -> None:
     for threads in args.threads:
         torch.set_num_threads(threads)
         for batch in args.batches:
-            print(measure(model, sparse, images[:batch], args.rep), flush=True)
+            print(measure(dense, sparse, images[:batch], args.rep), flush=True)
     print(f"\ntotal {time.time() - started:.0f} s")
 
 

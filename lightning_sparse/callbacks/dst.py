@@ -54,6 +54,7 @@ from lightning_sparse.core.criteria import (
 from lightning_sparse.core.masks import drop_lowest, grow_highest
 from lightning_sparse.core.patterns import NM, parse_pattern
 from lightning_sparse.core.selection import select_masks
+from lightning_sparse.core.sparse_init import scale_to_active_fan_in_
 
 MOMENTUM_DECAY = 0.9
 INITS = ("random", "magnitude")
@@ -114,6 +115,9 @@ class DynamicSparseTraining(SparsityCallback):
         gamma: :math:`\\gamma` of the ``mest`` score, >= 0.
         redistribution: ``None`` or ``"momentum"`` (SNFS: see :func:`~lightning_sparse.core.criteria.redistribute`).
         seed: seed of the callback's generator (random masks, random scores), identical on every rank.
+        scale_init: when the first masks are drawn, multiply each unit's initial weights by
+            ``sqrt(fan_in / active fan_in)`` so sparse layers start with the dense init's output variance
+            (:func:`~lightning_sparse.core.sparse_init.scale_to_active_fan_in_`; Evci et al. 2022). Not on resume.
 
     Raises:
         ValueError: for an unknown criterion, ``drop_fraction`` outside [0, 1), ``update_every < 1``, ``stop_at``
@@ -148,6 +152,7 @@ class DynamicSparseTraining(SparsityCallback):
         gamma: float = 1.0,
         redistribution: str | None = None,
         seed: int = 0,
+        scale_init: bool = False,
     ) -> None:
         if isinstance(parse_pattern(pattern), NM):
             raise ValueError(f"pattern must be 'unstructured' or 'RxC' blocks for dynamic sparse training, got "
@@ -162,6 +167,9 @@ class DynamicSparseTraining(SparsityCallback):
         self.init = _check_choice("init", init, INITS)
         self.gamma = _check_float("gamma", gamma, 0.0, math.inf, "[)")
         self.redistribution = _check_choice("redistribution", redistribution, REDISTRIBUTIONS)
+        if not isinstance(scale_init, bool):
+            raise TypeError(f"scale_init must be a bool, got {type(scale_init).__name__}: {scale_init!r}")
+        self.scale_init = scale_init
         self.momentum: dict[str, Tensor] | None = None
         self._grads: dict[str, Tensor] | None = None
         self._due_step: int | None = None
@@ -262,6 +270,14 @@ class DynamicSparseTraining(SparsityCallback):
             return self._rewire(trainer.optimizers, self.drop_fraction_at(step))
         finally:
             self._grads, self._due_step = None, None
+
+    def update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, Tensor]:
+        initial = self.last_update_step < 0
+        changed = super().update_masks(trainer, pl_module, step)
+        if initial and self.scale_init:
+            for name, param in self.masks.params.items():
+                scale_to_active_fan_in_(param.data, self.masks.masks[name])
+        return changed
 
     def _initial_masks(self, step: int) -> dict[str, Tensor]:
         params = self.masks.params

@@ -35,6 +35,7 @@ class SET(DynamicSparseTraining):
         stop_at: fraction of the run after which masks stay fixed, in (0, 1].
         init: ``"random"`` or ``"magnitude"`` initial masks.
         seed: seed of the callback's generator.
+        scale_init: scale each unit's initial weights to its active fan-in (see ``DynamicSparseTraining``).
 
     Raises:
         ValueError: see :class:`~lightning_sparse.callbacks.DynamicSparseTraining`.
@@ -61,9 +62,10 @@ class SET(DynamicSparseTraining):
         stop_at: float = 1.0,
         init: str = "random",
         seed: int = 0,
+        scale_init: bool = False,
     ) -> None:
         super().__init__("magnitude", "random", density, pattern, distribution, include, exclude, skip_first,
-                         skip_last, update_every, drop_fraction, stop_at, init, seed=seed)
+                         skip_last, update_every, drop_fraction, stop_at, init, seed=seed, scale_init=scale_init)
 
 
 class RigL(DynamicSparseTraining):
@@ -87,6 +89,7 @@ class RigL(DynamicSparseTraining):
         stop_at: fraction of the run after which masks stay fixed, in (0, 1].
         init: ``"random"`` or ``"magnitude"`` initial masks.
         seed: seed of the callback's generator.
+        scale_init: scale each unit's initial weights to its active fan-in (see ``DynamicSparseTraining``).
 
     Raises:
         ValueError: see :class:`~lightning_sparse.callbacks.DynamicSparseTraining`.
@@ -113,9 +116,10 @@ class RigL(DynamicSparseTraining):
         stop_at: float = 0.75,
         init: str = "random",
         seed: int = 0,
+        scale_init: bool = False,
     ) -> None:
         super().__init__("magnitude", "gradient", density, pattern, distribution, include, exclude, skip_first,
-                         skip_last, update_every, drop_fraction, stop_at, init, seed=seed)
+                         skip_last, update_every, drop_fraction, stop_at, init, seed=seed, scale_init=scale_init)
 
 
 class SNFS(DynamicSparseTraining):
@@ -140,6 +144,7 @@ class SNFS(DynamicSparseTraining):
         stop_at: fraction of the run after which masks stay fixed, in (0, 1].
         init: ``"random"`` or ``"magnitude"`` initial masks.
         seed: seed of the callback's generator.
+        scale_init: scale each unit's initial weights to its active fan-in (see ``DynamicSparseTraining``).
 
     Raises:
         ValueError: see :class:`~lightning_sparse.callbacks.DynamicSparseTraining`.
@@ -166,9 +171,11 @@ class SNFS(DynamicSparseTraining):
         stop_at: float = 1.0,
         init: str = "random",
         seed: int = 0,
+        scale_init: bool = False,
     ) -> None:
         super().__init__("magnitude", "momentum", density, pattern, distribution, include, exclude, skip_first,
-                         skip_last, update_every, drop_fraction, stop_at, init, redistribution="momentum", seed=seed)
+                         skip_last, update_every, drop_fraction, stop_at, init, redistribution="momentum", seed=seed,
+                         scale_init=scale_init)
 
 
 class MEST(DynamicSparseTraining):
@@ -193,6 +200,7 @@ class MEST(DynamicSparseTraining):
         stop_at: fraction of the run after which masks stay fixed, in (0, 1].
         init: ``"random"`` or ``"magnitude"`` initial masks.
         seed: seed of the callback's generator.
+        scale_init: scale each unit's initial weights to its active fan-in (see ``DynamicSparseTraining``).
 
     Raises:
         ValueError: see :class:`~lightning_sparse.callbacks.DynamicSparseTraining`.
@@ -221,6 +229,7 @@ class MEST(DynamicSparseTraining):
         stop_at: float = 0.75,
         init: str = "random",
         seed: int = 0,
+        scale_init: bool = False,
     ) -> None:
         super().__init__("mest", grow, density, pattern, distribution, include, exclude, skip_first, skip_last,
-                         update_every, drop_fraction, stop_at, init, gamma=gamma, seed=seed)
+                         update_every, drop_fraction, stop_at, init, gamma=gamma, seed=seed, scale_init=scale_init)

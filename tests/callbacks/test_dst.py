@@ -232,6 +232,27 @@ def test_initial_random_masks_are_exact_and_seeded():
     assert all(torch.equal(masks[0][n], masks[1][n]) for n in masks[0])
 
 
+@pytest.mark.parametrize("scale_init", [False, True])
+def test_scale_init_scales_each_unit_to_its_active_fan_in(scale_init):
+    torch.manual_seed(0)
+    dst = DynamicSparseTraining(density=0.25, update_every=None, scale_init=scale_init)
+    initial = {}
+
+    class Snapshot(pl.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            initial.update({n: p.detach().clone() for n, p in pl_module.named_parameters()})
+
+        def on_train_start(self, trainer, pl_module):  # runs after the DST callback drew and applied the masks
+            for name, param in dst.masks.params.items():
+                mask = dst.masks.masks[name]
+                rows = mask.reshape(mask.shape[0], -1)
+                scale = (rows.shape[1] / rows.sum(1).clamp_min(1)).sqrt() if scale_init else torch.ones(len(rows))
+                expected = initial[name] * mask * scale.view(-1, *([1] * (param.dim() - 1)))
+                torch.testing.assert_close(param.detach(), expected, rtol=1e-6, atol=0)
+
+    _fit([dst, Snapshot()], max_steps=1)
+
+
 # ------------------------------------------------------------------------------------------------ errors
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
@@ -248,6 +269,7 @@ def test_initial_random_masks_are_exact_and_seeded():
         ({"init": "zeros"}, ValueError, r"init must be one of \['random', 'magnitude'\], got 'zeros'"),
         ({"redistribution": "magnitude"}, ValueError, r"redistribution must be one of \[None, 'momentum'\]"),
         ({"gamma": -1.0}, ValueError, r"gamma must be in \[0.0, inf\), got -1.0"),
+        ({"scale_init": "yes"}, TypeError, "scale_init must be a bool, got str: 'yes'"),
     ],
 )
 def test_constructor_rejects_bad_arguments(kwargs, error, match):

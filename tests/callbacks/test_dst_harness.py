@@ -40,6 +40,7 @@ VARIANTS = [
     _case("rigl-scheduled-drop-fraction", RigL, scheduler={"density": 0.1, "initial_density": 0.1,
                                                              "drop_fraction": 0.5}),
     _case("static", update_every=None),
+    _case("rigl-scale-init", RigL, update_every=3, scale_init=True),
 ]
 DDP = [*PRESETS, _case("random-x-random", drop="random", grow="random")]
 ALL = PRESETS + GRID + VARIANTS
