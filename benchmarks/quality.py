@@ -3,8 +3,9 @@
     python benchmarks/quality.py --epochs 3 --densities 0.1 0.02
 
 Rows: dense; static sparse (ERK random mask, never updated); GMP (MagnitudePruning, ERK, cubic ramp over the
-first 60% of steps); SET, RigL, SNFS, MEST (presets, ERK); Spartan (global budget, sharpness 20, mask frozen for
-the last 20%); TopKAST (ERK, backward density 2x forward). Later algorithms register more rows in ``VARIANTS``.
+first 60% of steps); SET, RigL, SNFS, MEST (presets, ERK); RigL with ``scale_init=True``; Spartan (global budget,
+sharpness 20 as in the reference, and 200 for the SmallCNN's weight scale; mask frozen for the last 20%); TopKAST
+(ERK, backward density 2x forward). Later algorithms register more rows in ``VARIANTS``.
 Prints a Markdown table for docs/BENCHMARKS.md. Every run uses the same seed, data order, model and epochs.
 """
 
@@ -43,9 +44,11 @@ VARIANTS: dict[str, Callable[[float], list[Callback]]] = {
     "GMP": gmp,
     "SET": lambda d: [SET(density=d)],
     "RigL": lambda d: [RigL(density=d)],
+    "RigL (scale_init)": lambda d: [RigL(density=d, scale_init=True)],
     "SNFS": lambda d: [SNFS(density=d)],
     "MEST": lambda d: [MEST(density=d)],
     "Spartan": lambda d: [Spartan(density=d, sharpness=20.0, distribution="global", freeze_at=0.8)],
+    "Spartan (sharpness 200)": lambda d: [Spartan(density=d, sharpness=200.0, distribution="global", freeze_at=0.8)],
     "TopKAST": lambda d: [TopKAST(density=d, backward_density=min(1.0, 2 * d), distribution="erk", update_every=10)],
 }
 
