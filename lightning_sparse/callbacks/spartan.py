@@ -101,8 +101,10 @@ class Spartan(MaskedForwardCallback):
 
     Args:
         density: final fraction of weights (blocks) kept, in (0, 1]; ``None`` when a scheduler gives it.
-        sharpness: final :math:`\beta > 0` of the default ramp (default 20); leave ``None`` when the scheduler has a
-            ``sharpness`` schedule.
+        sharpness: final :math:`\beta > 0` of the default ramp (default 20, the reference's ViT-B value); leave
+            ``None`` when the scheduler has a ``sharpness`` schedule. It is in raw :math:`|w|` units, so fit it to
+            the model's weight scale: the SmallCNN recipe (weights of about 0.01-0.03) uses 200, which gained 13
+            points over 20 at 2% density (docs/BENCHMARKS.md).
         pattern: ``"unstructured"`` or ``"RxC"`` blocks (block values are mean :math:`|w|`; densities count blocks).
         distribution: ``"uniform"``, ``"er"``, ``"erk"`` (per-layer budgets) or ``"global"`` (one budget).
         cost: ``"params"`` (every weight costs 1) or ``"flops"`` (a conv weight costs its output's spatial size,
