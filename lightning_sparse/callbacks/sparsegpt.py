@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Sequence
+from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
@@ -30,7 +31,7 @@ from rich.progress import track
 from torch import Tensor, nn
 
 from lightning_sparse.callbacks.base import SparsityCallback, _check_int
-from lightning_sparse.core.obs import check_budget, obs_prune
+from lightning_sparse.core.obs import check_budget, check_refinement, obs_prune
 from lightning_sparse.core.patterns import NM
 from lightning_sparse.core.targets import select_targets
 from lightning_sparse.layer_inputs import Forward, collect_hessians, forward_order, input_kinds
@@ -43,16 +44,31 @@ def default_forward(model: nn.Module, batch: Any) -> None:
     model(x.to(device) if isinstance(x, Tensor) else x)
 
 
-def _check_damp(damp: float) -> float:
+def _pruner(
+    density: float | None, nm: str | None, block_size: int, damp: float, nm_selection: str, refit: bool, reselect: int
+) -> partial:
+    """Check the pruning options and bind them to :func:`obs_prune` (``prune(weight, hessian, name=...)``)."""
+    density, pattern = check_budget(density, nm)
+    check_refinement(nm_selection, refit, reselect, pattern)
+    _check_int("block_size", block_size, 1)
     if isinstance(damp, bool) or not isinstance(damp, int | float) or not damp >= 0:
         raise ValueError(f"damp must be a number >= 0 (relative to the mean Hessian diagonal), got {damp!r}")
-    return float(damp)
+    options = {"nm_selection": nm_selection, "refit": refit, "reselect": reselect}
+    return partial(obs_prune, density=density, nm=pattern, block_size=block_size, damp=float(damp), **options)
 
 
 @torch.no_grad()
-def prune_layers(model: nn.Module, names: Sequence[str], batches: list, forward: Forward, *, density: float | None,
-                 nm: NM | None, block_size: int, damp: float, sequential: bool, progress: bool) -> dict[str, Tensor]:
-    """:func:`sparsegpt_` on already-checked arguments and target names (the model runs in eval mode)."""
+def prune_layers(
+    model: nn.Module,
+    names: Sequence[str],
+    batches: list,
+    forward: Forward,
+    prune: partial,
+    sequential: bool,
+    show: bool,
+) -> dict[str, Tensor]:
+    """:func:`sparsegpt_` on checked target names, ``prune(weight, hessian, name=...)`` being :func:`obs_prune` with
+    checked options; ``show``: a progress bar on rank zero (the model runs in eval mode)."""
     params = dict(model.named_parameters())
     training = model.training
     model.eval()
@@ -60,10 +76,10 @@ def prune_layers(model: nn.Module, names: Sequence[str], batches: list, forward:
         order = forward_order(model, names, batches[0], forward)
         hessians = {} if sequential else collect_hessians(model, order, batches, forward)
         masks = {}
-        show = progress and (not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0)
+        show = show and (not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0)
         for name in track(order, description="SparseGPT", transient=True, disable=not show):
             hessian = collect_hessians(model, [name], batches, forward)[name] if sequential else hessians.pop(name)
-            weight, masks[name] = obs_prune(params[name], hessian, density, nm, block_size, damp, name)
+            weight, masks[name] = prune(params[name], hessian, name=name)
             params[name].copy_(weight)
     finally:
         model.train(training)
@@ -78,6 +94,9 @@ def sparsegpt_(
     nm: str | None = None,
     block_size: int = 128,
     damp: float = 0.01,
+    nm_selection: str = "joint",
+    refit: bool = False,
+    reselect: int = 0,
     sequential: bool = True,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
@@ -93,6 +112,14 @@ def sparsegpt_(
         nm: ``"N:M"`` such as ``"2:4"``: ``N`` kept in every ``M`` consecutive inputs.
         block_size: columns per lazy OBS block.
         damp: Hessian dampening relative to its mean diagonal (retried x10 when not positive definite).
+        nm_selection: ``"joint"``: each group's ``M - N`` removed weights minimise their exact joint OBS error
+            (Optimal Brain Surgeon's multi-weight removal, Hassibi & Stork 1993; the group form of Frantar & Alistarh
+            2022, https://arxiv.org/abs/2208.11580), the group's kept weights updated too; ``"independent"``: the
+            SparseGPT paper's per-weight saliency. See :func:`~lightning_sparse.core.obs.obs_prune`.
+        refit: finally set the kept weights to their least-squares optimum on the calibration Hessian (costs
+            ``O(rows * k^3)`` per layer for ``k`` kept weights per row).
+        reselect: passes of exact group-wise N:M mask re-selection before the refit (needs ``nm`` and ``refit``;
+            ``O(rows * cols * k^2)`` per pass); see :mod:`lightning_sparse.core.obs_refine`.
         sequential: prune layer by layer in forward order, each seeing the already-pruned layers before it.
         include: glob patterns of parameter names (default: Linear, Conv and attention weights).
         exclude: glob patterns of parameter names to keep dense.
@@ -100,7 +127,8 @@ def sparsegpt_(
         progress: show a progress bar over the layers (rank zero only).
 
     Raises:
-        ValueError: no batches; both or neither of ``density``/``nm``; a bad density or ``nm``; ``M`` not dividing a
+        ValueError: no batches; both or neither of ``density``/``nm``; a bad density, ``nm`` or option (see
+            :func:`~lightning_sparse.core.obs.check_refinement`); ``M`` not dividing a
             target's input dimension; an unsupported target; a batch set that never reaches a target; a Hessian that
             is not positive definite.
         TypeError: for ``forward`` not callable or arguments of the wrong type.
@@ -108,10 +136,10 @@ def sparsegpt_(
     Example::
 
         masks = sparsegpt_(model, [x for x, _ in itertools.islice(loader, 32)], nm="2:4")
+        masks = sparsegpt_(model, batches, nm="2:4", refit=True, reselect=2)  # slower, lower error
     """
-    density, pattern = check_budget(density, nm)
-    _check_int("block_size", block_size, 1)
-    damp = _check_damp(damp)
+    prune = _pruner(density, nm, block_size, damp, nm_selection, refit, reselect)
+    pattern = prune.keywords["nm"]
     if forward is not None and not callable(forward):
         raise TypeError(f"forward must be a callable forward(model, batch), got {type(forward).__name__}")
     batches = list(batches)
@@ -122,8 +150,7 @@ def sparsegpt_(
         for name in names:
             pattern.check(name, tuple(model.get_parameter(name).shape))
     input_kinds(model, names)
-    return prune_layers(model, names, batches, forward or default_forward, density=density, nm=pattern,
-                        block_size=block_size, damp=damp, sequential=sequential, progress=progress)
+    return prune_layers(model, names, batches, forward or default_forward, prune, sequential, progress)
 
 
 class SparseGPT(SparsityCallback):
@@ -142,6 +169,9 @@ class SparseGPT(SparsityCallback):
         calibration_batches: number of train batches (per rank) used for the Hessians.
         block_size: columns per lazy OBS block.
         damp: Hessian dampening relative to its mean diagonal.
+        nm_selection: ``"joint"`` or ``"independent"`` N:M choice (see :func:`sparsegpt_`).
+        refit: least-squares refit of the kept weights (see :func:`sparsegpt_`).
+        reselect: passes of exact N:M mask re-selection; needs ``refit=True`` (see :func:`sparsegpt_`).
         sequential: prune layer by layer in forward order (see :func:`sparsegpt_`).
         include: glob patterns of parameter names to prune (default: Linear, Conv and attention weights).
         exclude: glob patterns of parameter names to keep dense.
@@ -149,7 +179,8 @@ class SparseGPT(SparsityCallback):
 
     Raises:
         ValueError: both or neither of ``density``/``nm``, an unknown ``at``, ``calibration_batches`` or
-            ``block_size`` < 1, ``damp`` < 0; in ``setup``, an unsupported target or ``M`` not dividing its inputs.
+            ``block_size`` < 1, ``damp`` < 0, a bad option (see :func:`~lightning_sparse.core.obs.check_refinement`);
+            in ``setup``, an unsupported target or ``M`` not dividing its inputs.
 
     Example::
 
@@ -167,20 +198,25 @@ class SparseGPT(SparsityCallback):
         calibration_batches: int = 32,
         block_size: int = 128,
         damp: float = 0.01,
+        nm_selection: str = "joint",
+        refit: bool = False,
+        reselect: int = 0,
         sequential: bool = True,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         seed: int = 0,
     ) -> None:
-        density, pattern = check_budget(density, nm)
-        super().__init__(density, str(pattern) if pattern else "unstructured", include=include, exclude=exclude,
-                         seed=seed)
+        self._prune = _pruner(density, nm, block_size, damp, nm_selection, refit, reselect)
+        pattern = self._prune.keywords["nm"]
+        super().__init__(
+            density, str(pattern) if pattern else "unstructured", include=include, exclude=exclude, seed=seed
+        )
         if at not in ("fit_start", "fit_end"):
             raise ValueError(f"at must be 'fit_start' or 'fit_end', got {at!r}")
         self.at = at
         self.calibration_batches = _check_int("calibration_batches", calibration_batches, 1)
-        self.block_size = _check_int("block_size", block_size, 1)
-        self.damp = _check_damp(damp)
+        self.block_size, self.damp = block_size, float(damp)
+        self.nm_selection, self.refit, self.reselect = nm_selection, refit, reselect
         self.sequential = bool(sequential)
         self.pruned = False
         self._last_step = float("inf")
@@ -230,12 +266,10 @@ class SparseGPT(SparsityCallback):
             with trainer.precision_plugin.forward_context():
                 self.calibration_forward(model, batch)
 
-        nm = self.pattern if isinstance(self.pattern, NM) else None
-        return prune_layers(
-            pl_module, list(self.masks.params), self._calibration_batches(trainer), forward,
-            density=None if nm else self.final_density, nm=nm, block_size=self.block_size, damp=self.damp,
-            sequential=self.sequential, progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
-        )
+        prune = self._prune if isinstance(self.pattern, NM) else partial(self._prune, density=self.final_density)
+        progress = trainer.is_global_zero and trainer.progress_bar_callback is not None
+        batches = self._calibration_batches(trainer)
+        return prune_layers(pl_module, list(self.masks.params), batches, forward, prune, self.sequential, progress)
 
     def update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, Tensor]:
         changed = super().update_masks(trainer, pl_module, step)

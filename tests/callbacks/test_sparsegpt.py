@@ -10,8 +10,11 @@ from torch import nn
 from lightning_sparse.callbacks.sparsegpt import SparseGPT, sparsegpt_
 from lightning_sparse.models import CharGPT
 
-TARGETS = [f"blocks.{i}.{p}" for i in range(2) for p in
-           ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.0.weight", "mlp.2.weight")] + ["head.weight"]
+TARGETS = [
+    f"blocks.{i}.{p}"
+    for i in range(2)
+    for p in ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.0.weight", "mlp.2.weight")
+] + ["head.weight"]
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +25,14 @@ def gpt():
     return model, batches
 
 
-@pytest.mark.parametrize("sequential", [True, False])
-def test_prunes_every_projection_and_writes_weights_back(gpt, sequential):
+@pytest.mark.parametrize(
+    "options",
+    [{"sequential": True}, {"sequential": False}, {"nm_selection": "independent"}, {"refit": True, "reselect": 1}],
+)
+def test_prunes_every_projection_and_writes_weights_back(gpt, options):
     dense, batches = gpt
     model = copy.deepcopy(dense)
-    masks = sparsegpt_(model, batches, nm="2:4", sequential=sequential, progress=False)
+    masks = sparsegpt_(model, batches, nm="2:4", progress=False, **options)
     assert list(masks) == TARGETS
     params, before = dict(model.named_parameters()), dict(dense.named_parameters())
     for name, mask in masks.items():
@@ -50,10 +56,15 @@ def test_custom_forward_include_and_no_output(gpt, capsys):
     dense, _ = gpt
     model = copy.deepcopy(dense)
     batches = [{"ids": torch.randint(0, 32, (2, 16))}]
-    masks = sparsegpt_(model, batches, density=0.25, include=["*.mlp.*.weight"], forward=lambda m, b: m(b["ids"]),
-                       progress=False)
-    assert list(masks) == ["blocks.0.mlp.0.weight", "blocks.0.mlp.2.weight", "blocks.1.mlp.0.weight",
-                           "blocks.1.mlp.2.weight"]
+    masks = sparsegpt_(
+        model, batches, density=0.25, include=["*.mlp.*.weight"], forward=lambda m, b: m(b["ids"]), progress=False
+    )
+    assert list(masks) == [
+        "blocks.0.mlp.0.weight",
+        "blocks.0.mlp.2.weight",
+        "blocks.1.mlp.0.weight",
+        "blocks.1.mlp.2.weight",
+    ]
     assert capsys.readouterr().out == ""
 
 
@@ -79,6 +90,9 @@ class _TwoBranch(nn.Module):
         ({"forward": "model"}, TypeError, "forward must be a callable"),
         ({"block_size": 0}, ValueError, "block_size must be >= 1"),
         ({"damp": -0.1}, ValueError, "damp must be a number >= 0"),
+        ({"density": None, "nm": "2:4", "nm_selection": "exact"}, ValueError, "nm_selection must be 'joint' or"),
+        ({"reselect": 1, "refit": True}, ValueError, "reselect=1 re-selects N:M masks and needs nm="),
+        ({"refit": 1}, TypeError, "refit must be a bool, got int: 1"),
     ],
 )
 def test_errors(kwargs, error, match):
@@ -95,6 +109,8 @@ def test_errors(kwargs, error, match):
         ({"density": 0.5, "calibration_batches": 0}, "calibration_batches must be >= 1"),
         ({"density": 0.5, "damp": -1}, "damp must be a number >= 0"),
         ({"nm": "2:8:4"}, "pattern must be"),
+        ({"nm": "2:4", "reselect": 1}, "reselect=1 re-selects masks for least-squares weights and needs refit=True"),
+        ({"nm": "2:4", "nm_selection": "saliency"}, "nm_selection must be 'joint' or 'independent', got 'saliency'"),
     ],
 )
 def test_callback_argument_errors(kwargs, match):

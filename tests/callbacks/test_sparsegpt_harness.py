@@ -15,6 +15,7 @@ def _case(name: str, **kwargs) -> harness.AlgorithmCase:
 CASES = [
     _case("unstructured-fit-start", density=0.3),
     _case("2:4-fit-end-one-pass", nm="2:4", at="fit_end", sequential=False, block_size=8),
+    _case("2:4-refit-reselect", nm="2:4", refit=True, reselect=1, calibration_batches=2),
     _case("linear-fit-end", density=0.5, at="fit_end", include=["body.*.weight", "head.weight"], calibration_batches=2),
 ]
 
