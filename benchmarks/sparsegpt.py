@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--calibration-batches", type=int, default=16)
     parser.add_argument("--eval-batches", type=int, default=32)
     parser.add_argument("--reselect", type=int, default=2, help="mask re-selection passes of the refined variant")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.time()

@@ -31,7 +31,8 @@ from rich.progress import track
 from torch import Tensor, nn
 
 from lightning_sparse.callbacks.base import SparsityCallback, _check_int
-from lightning_sparse.core.obs import check_budget, check_refinement, obs_prune
+from lightning_sparse.core.obs import check_budget, obs_prune
+from lightning_sparse.core.obs_refine import check_refinement
 from lightning_sparse.core.patterns import NM
 from lightning_sparse.core.targets import select_targets
 from lightning_sparse.layer_inputs import Forward, collect_hessians, forward_order, input_kinds
@@ -112,14 +113,12 @@ def sparsegpt_(
         nm: ``"N:M"`` such as ``"2:4"``: ``N`` kept in every ``M`` consecutive inputs.
         block_size: columns per lazy OBS block.
         damp: Hessian dampening relative to its mean diagonal (retried x10 when not positive definite).
-        nm_selection: ``"joint"``: each group's ``M - N`` removed weights minimise their exact joint OBS error
-            (Optimal Brain Surgeon's multi-weight removal, Hassibi & Stork 1993; the group form of Frantar & Alistarh
-            2022, https://arxiv.org/abs/2208.11580), the group's kept weights updated too; ``"independent"``: the
-            SparseGPT paper's per-weight saliency. See :func:`~lightning_sparse.core.obs.obs_prune`.
-        refit: finally set the kept weights to their least-squares optimum on the calibration Hessian (costs
-            ``O(rows * k^3)`` per layer for ``k`` kept weights per row).
+        nm_selection: ``"joint"``: each group's removed weights minimise their exact joint OBS error (Hassibi & Stork
+            1993; Frantar & Alistarh 2022, https://arxiv.org/abs/2208.11580); ``"independent"``: the SparseGPT
+            paper's per-weight saliency. See :func:`~lightning_sparse.core.obs.obs_prune`.
+        refit: least-squares refit of the kept weights on the calibration Hessian (``O(rows * k^3)`` per layer).
         reselect: passes of exact group-wise N:M mask re-selection before the refit (needs ``nm`` and ``refit``;
-            ``O(rows * cols * k^2)`` per pass); see :mod:`lightning_sparse.core.obs_refine`.
+            :mod:`lightning_sparse.core.obs_refine`).
         sequential: prune layer by layer in forward order, each seeing the already-pruned layers before it.
         include: glob patterns of parameter names (default: Linear, Conv and attention weights).
         exclude: glob patterns of parameter names to keep dense.
@@ -128,9 +127,9 @@ def sparsegpt_(
 
     Raises:
         ValueError: no batches; both or neither of ``density``/``nm``; a bad density, ``nm`` or option (see
-            :func:`~lightning_sparse.core.obs.check_refinement`); ``M`` not dividing a
-            target's input dimension; an unsupported target; a batch set that never reaches a target; a Hessian that
-            is not positive definite.
+            :func:`~lightning_sparse.core.obs_refine.check_refinement`); ``M`` not dividing a target's input
+            dimension; an unsupported target; a batch set that never reaches a target; a Hessian that is not positive
+            definite.
         TypeError: for ``forward`` not callable or arguments of the wrong type.
 
     Example::
@@ -179,8 +178,8 @@ class SparseGPT(SparsityCallback):
 
     Raises:
         ValueError: both or neither of ``density``/``nm``, an unknown ``at``, ``calibration_batches`` or
-            ``block_size`` < 1, ``damp`` < 0, a bad option (see :func:`~lightning_sparse.core.obs.check_refinement`);
-            in ``setup``, an unsupported target or ``M`` not dividing its inputs.
+            ``block_size`` < 1, ``damp`` < 0, a bad option (see :func:`sparsegpt_`); in ``setup``, an unsupported
+            target or ``M`` not dividing its inputs.
 
     Example::
 

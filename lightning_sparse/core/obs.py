@@ -12,9 +12,24 @@ pruning column :math:`j` to :math:`q_j` (its kept entries, zeros elsewhere) upda
     e_j = \frac{w_j - q_j}{U_{jj}}, \qquad W_{:, k} \leftarrow W_{:, k} - e_j U_{jk} \quad (k > j),
 
 inside a block of ``block_size`` columns; the accumulated errors :math:`E` of a block update all later columns at
-once, :math:`W_{:, >b} \leftarrow W_{:, >b} - E\, U_{b, >b}`. The mask of a block (unstructured) or of each
-``m``-column group (N:M) is chosen just before its columns are pruned, from the updated weights, by the OBS
-saliency :math:`w^2 / U_{jj}^2` (the paper's :math:`w^2 / [H_F^{-1}]_{jj}`).
+once, :math:`W_{:, >b} \leftarrow W_{:, >b} - E\, U_{b, >b}`. The mask of a block (unstructured) is chosen just
+before its columns are pruned, from the updated weights, by the OBS saliency :math:`w^2 / U_{jj}^2` (the paper's
+:math:`w^2 / [H_F^{-1}]_{jj}`); so is each ``M``-column group's with ``nm_selection="independent"``.
+
+N:M with ``nm_selection="joint"`` (the default) chooses the ``M - N`` weights :math:`S` of a group :math:`G` to remove
+together, by the exact OBS error of removing them at once while every later weight of the row (the group's kept
+ones included) compensates, over all :math:`\binom{M}{N}` patterns (6 for 2:4), and applies that joint update:
+
+.. math::
+
+    \Delta L(S) = w_S^\top \big([H_F^{-1}]_{SS}\big)^{-1} w_S, \quad [H_F^{-1}]_{GG} = U_{GG}^\top U_{GG},
+    \qquad W_{:, \geq G} \leftarrow W_{:, \geq G} - c\, U_{G, \geq G}, \quad
+    c = U_{G, S} \big([H_F^{-1}]_{SS}\big)^{-1} w_S
+
+(:math:`F`: the columns not yet pruned), the multi-weight form of Optimal Brain Surgeon (Hassibi & Stork 1993) used
+for groups by "Optimal Brain Compression" (Frantar & Alistarh 2022, https://arxiv.org/abs/2208.11580). It is the best
+pattern for the group given the sweep so far, where the per-weight scores ignore how two removed inputs correlate.
+``refit`` and ``reselect`` go further, with per-row least squares (:mod:`lightning_sparse.core.obs_refine`).
 
 Unlike NVIDIA ModelOpt, which keeps only the mask, the updated weights are returned. Unstructured budgets are exact:
 ``round(density * numel)`` weights are kept per layer, spread over the blocks by cumulative rounding. Inputs that
@@ -33,7 +48,6 @@ Example::
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -41,7 +55,7 @@ from torch import Tensor
 
 from lightning_sparse.core.density import check_density
 from lightning_sparse.core.masks import topk_mask
-from lightning_sparse.core.obs_refine import patterns, refit_kept, reselect_nm
+from lightning_sparse.core.obs_refine import check_refinement, patterns, refit_kept, reselect_nm
 from lightning_sparse.core.patterns import NM, as_matrix_shape, parse_pattern
 
 _DTYPE = torch.float64
@@ -113,34 +127,6 @@ def check_budget(density: float | None, nm: str | NM | None) -> tuple[float | No
     if not isinstance(pattern, NM):
         raise ValueError(f"nm must be an 'N:M' pattern such as '2:4', got {nm!r}")
     return None, pattern
-
-
-def check_refinement(nm_selection: str, refit: bool, reselect: int, nm: NM | None) -> None:
-    """Validate the options of :func:`obs_prune` beyond SparseGPT's sweep.
-
-    Raises:
-        ValueError: an unknown ``nm_selection``; ``reselect < 0``; ``reselect > 0`` without ``nm`` or without
-            ``refit``; more than 1024 patterns per group for the exact (``"joint"`` or ``reselect``) N:M choice.
-        TypeError: ``refit`` not a bool or ``reselect`` not an int.
-    """
-    if nm_selection not in ("joint", "independent"):
-        raise ValueError(f"nm_selection must be 'joint' or 'independent', got {nm_selection!r}")
-    if not isinstance(refit, bool):
-        raise TypeError(f"refit must be a bool, got {type(refit).__name__}: {refit!r}")
-    if isinstance(reselect, bool) or not isinstance(reselect, int):
-        raise TypeError(f"reselect must be an int, got {type(reselect).__name__}: {reselect!r}")
-    if reselect < 0:
-        raise ValueError(f"reselect must be >= 0, got {reselect}")
-    if reselect and nm is None:
-        raise ValueError(f"reselect={reselect} re-selects N:M masks and needs nm='N:M', got unstructured pruning")
-    if reselect and not refit:
-        raise ValueError(f"reselect={reselect} re-selects masks for least-squares weights and needs refit=True")
-    exact = nm is not None and (nm_selection == "joint" or reselect)
-    if exact and math.comb(nm.m, nm.n) > 1024:
-        raise ValueError(
-            f"nm={str(nm)!r} has {math.comb(nm.m, nm.n)} patterns per group, more than the 1024 the exact "
-            "choice enumerates; use nm_selection='independent' and reselect=0"
-        )
 
 
 def _joint_groups(block: Tensor, ublock: Tensor, mask: Tensor, errors: Tensor, removed: Tensor, m: int) -> None:
@@ -221,7 +207,7 @@ def obs_prune(
     Raises:
         ValueError: for both or neither of ``density``/``nm``, a bad pattern, ``M`` not dividing ``cols``, a Hessian
             of the wrong shape, ``block_size < 1`` or ``damp < 0``, a Hessian that is not positive definite, or a bad
-            option (see :func:`check_refinement`).
+            option (see :func:`~lightning_sparse.core.obs_refine.check_refinement`).
     """
     density, pattern = check_budget(density, nm)
     check_refinement(nm_selection, refit, reselect, pattern)

@@ -42,6 +42,7 @@ Example::
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 from torch import Tensor
@@ -82,6 +83,34 @@ def refit_kept(weight: Tensor, hessian: Tensor, mask: Tensor) -> Tensor:
         x = torch.cholesky_solve(rhs[rows, :, None], torch.linalg.cholesky(sub))[..., 0]
         out[rows].scatter_(1, i, x.masked_fill(~v, 0.0))
     return out
+
+
+def check_refinement(nm_selection: str, refit: bool, reselect: int, nm: NM | None) -> None:
+    """Validate the options of :func:`~lightning_sparse.core.obs.obs_prune` beyond SparseGPT's sweep.
+
+    Raises:
+        ValueError: an unknown ``nm_selection``; ``reselect < 0``; ``reselect > 0`` without ``nm`` or without
+            ``refit``; more than 1024 patterns per group for the exact (``"joint"`` or ``reselect``) N:M choice.
+        TypeError: ``refit`` not a bool or ``reselect`` not an int.
+    """
+    if nm_selection not in ("joint", "independent"):
+        raise ValueError(f"nm_selection must be 'joint' or 'independent', got {nm_selection!r}")
+    if not isinstance(refit, bool):
+        raise TypeError(f"refit must be a bool, got {type(refit).__name__}: {refit!r}")
+    if isinstance(reselect, bool) or not isinstance(reselect, int):
+        raise TypeError(f"reselect must be an int, got {type(reselect).__name__}: {reselect!r}")
+    if reselect < 0:
+        raise ValueError(f"reselect must be >= 0, got {reselect}")
+    if reselect and nm is None:
+        raise ValueError(f"reselect={reselect} re-selects N:M masks and needs nm='N:M', got unstructured pruning")
+    if reselect and not refit:
+        raise ValueError(f"reselect={reselect} re-selects masks for least-squares weights and needs refit=True")
+    exact = nm is not None and (nm_selection == "joint" or reselect)
+    if exact and math.comb(nm.m, nm.n) > 1024:
+        raise ValueError(
+            f"nm={str(nm)!r} has {math.comb(nm.m, nm.n)} patterns per group, more than the 1024 the exact "
+            "choice enumerates; use nm_selection='independent' and reselect=0"
+        )
 
 
 def patterns(nm: NM, device: torch.device) -> tuple[Tensor, Tensor]:

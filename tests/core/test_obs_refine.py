@@ -38,10 +38,11 @@ def test_refit_is_the_least_squares_optimum_of_each_row():
         torch.testing.assert_close(new_w[row, kept], solution, rtol=1e-8, atol=1e-10)
 
 
-def test_refit_through_obs_prune_never_raises_the_calibration_error():
+@pytest.mark.parametrize("budget", [{"nm": "2:4"}, {"density": 0.3}])
+def test_refit_through_obs_prune_lowers_the_calibration_error(budget):
     w, _, h = _layer(cols=32)
-    plain, mask = obs_prune(w, h, nm="2:4", damp=0.0)
-    refit, refit_mask = obs_prune(w, h, nm="2:4", damp=0.0, refit=True)
+    plain, mask = obs_prune(w, h, damp=0.0, **budget)
+    refit, refit_mask = obs_prune(w, h, damp=0.0, refit=True, **budget)
     assert torch.equal(mask, refit_mask)
     assert reconstruction_error(w, refit, h) < reconstruction_error(w, plain, h)
 
