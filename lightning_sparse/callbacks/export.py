@@ -68,7 +68,8 @@ class SparseExport(Callback):
     Args:
         dirpath: export directory; a relative path is taken under the Trainer's ``default_root_dir``.
         pattern: ``"RxC"`` BSR blocks (``"32x32"``), ``"2:4"`` or ``"dense"``.
-        include: FQN globs of the Linear layers to convert; ``None``: every Linear that fits and holds zeros.
+        include: FQN globs of the Linear / Conv2d layers to convert; ``None``: every layer that fits and is worth
+            converting (see :func:`~lightning_sparse.export.plan.plan_layers`).
         verify: check the sparse model's outputs against the dense-with-zeros model on a real batch.
 
     Raises:

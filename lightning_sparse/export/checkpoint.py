@@ -82,7 +82,7 @@ def export_checkpoint(
             ``"lightning_sparse.models.SmallCNN"`` (built by ``load_from_checkpoint`` from its hyperparameters).
         out_dir: the export directory.
         pattern: ``"RxC"``, ``"2:4"`` or ``"dense"``.
-        include: FQN globs of the Linear layers to convert (see :func:`export_sparse`).
+        include: FQN globs of the Linear / Conv2d layers to convert (see :func:`export_sparse`).
         verify: check the outputs on a real training batch (config), or on a random batch shaped like the model's
             ``example_input_array`` (class path); skipped with a warning when neither exists.
 
@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> Manifest:
     parser.add_argument("--ckpt_path", required=True, help="Lightning checkpoint to export")
     parser.add_argument("--out", required=True, help="export directory")
     parser.add_argument("--pattern", default="32x32", help='"RxC" blocks, "2:4" or "dense" (default 32x32)')
-    parser.add_argument("--include", nargs="*", default=None, help="FQN globs of the Linear layers to convert")
+    parser.add_argument("--include", nargs="*", default=None, help="FQN globs of the Linear / Conv2d layers to convert")
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip the output check")
     args = parser.parse_args(argv)
     manifest = export_checkpoint(

@@ -2,14 +2,14 @@
 
 The weight is stored like :class:`~lightning_sparse.nn.SparseLinear`'s, as BSR components of its matrix view
 ``(out_channels, in_channels * kh * kw)`` (the view every pattern of :mod:`lightning_sparse.core.patterns` uses).
-The forward skips the input channels that no output reads: ``F.conv2d`` over the used channels only. That is the
-one sparse conv path that beat dense on the CPU (``benchmarks/cnn_cpu.py``, SmallCNN's ``features.3``, batch 128);
-im2col plus torch's CSR matmul (MKL) ran at 0.1-0.2x of dense at 6.5% unstructured density, a gather of the kept
-im2col columns plus one GEMM at about 1x, and a grouped conv over per-output-group channels (2+ groups) at
-0.05-0.8x. So the pattern that pays is whole input channels: ``"<out_channels>x<kh*kw>"`` blocks (``"64x9"`` for
-a 3x3 conv with 64 outputs). An unstructured weight uses nearly every channel, and then the forward is the dense
-convolution: :data:`MAX_USED_CHANNEL_FRACTION` is the rule that keeps such layers out of the conversion.
-"""
+The forward skips the input channels that no output reads: ``F.conv2d`` over the used channels only. Of the paths
+measured on the 2-core CPU for SmallCNN's 64x32x3x3 conv at batch 128 (docs/BENCHMARKS.md, "Kernels"), it is the
+one that beats dense: im2col plus torch's CSR matmul (MKL) ran at 0.1-0.2x of dense at 6.5% unstructured density,
+a gather of the kept im2col columns plus one GEMM at about 1x, a grouped conv per block row of ``"Rx9"`` blocks
+at 0.05-0.8x from 8 groups up. The pattern that pays is therefore whole input channels: ``"<out_channels>x<kh*kw>"``
+blocks (``"64x9"`` for a 3x3 conv with 64 outputs), or smaller row blocks as long as few channels are used in all.
+An unstructured weight reads nearly every channel, and then the forward is the dense convolution:
+:data:`MAX_USED_CHANNEL_FRACTION` is the rule that keeps such layers out of the conversions."""
 
 from __future__ import annotations
 
@@ -68,8 +68,12 @@ def slow_conv_reason(weight: Tensor) -> str | None:
     )
 
 
-def _is_channels_last(x: Tensor) -> bool:
-    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+def _gather_channels(x: Tensor, channels: Tensor) -> Tensor:
+    """``x[..., channels, :, :]`` in ``x``'s memory format (a channels-last input gathers along its innermost dim,
+    4x faster than ``index_select(1)`` on it, measured at 256x32x14x14, and stays channels-last)."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return x.permute(0, 2, 3, 1).index_select(3, channels).permute(0, 3, 1, 2)
+    return x.index_select(-3, channels)
 
 
 def _refresh_after_load(module: SparseConv2d, incompatible_keys: Any) -> None:
@@ -212,8 +216,7 @@ class SparseConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``F.conv2d`` over the used input channels (see the class docstring)."""
         if self.used_channels.numel() < self.in_channels:
-            layout = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
-            x = x.index_select(-3, self.used_channels).contiguous(memory_format=layout)
+            x = _gather_channels(x, self.used_channels)
         return F.conv2d(x, self.packed_weight, self.bias, self.stride, self.padding, self.dilation)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
