@@ -116,11 +116,15 @@ def soft_group_values(
 
 class _SlopeCache(dict):
     """Per weight of a budget: ``sign(w) * s`` expanded to the weight and ``sum(s)``, stored by the layer's backward
-    for the threshold node's backward. Keyed by the weight's id and version, so an optimizer step invalidates it."""
+    for the threshold node's backward. One entry per weight, valid for the weight's version it was computed at, so an
+    optimizer step invalidates it (and the next backward replaces it: the cache never grows past one per weight)."""
 
-    @staticmethod
-    def key(weight: Tensor) -> tuple[int, int]:
-        return id(weight), weight._version
+    def put(self, weight: Tensor, signed_slope: Tensor, total: Tensor) -> None:
+        self[id(weight)] = (weight._version, signed_slope, total)
+
+    def find(self, weight: Tensor) -> tuple[Tensor, Tensor] | None:
+        entry = self.get(id(weight))
+        return None if entry is None or entry[0] != weight._version else entry[1:]
 
 
 class _SpartanWeight(torch.autograd.Function):
@@ -145,7 +149,7 @@ class _SpartanWeight(torch.autograd.Function):
         grad_threshold = -beta * torch.dot(grad_values, slope) if ctx.needs_input_grad[1] else None
         signed_slope = weight.sign().mul_(pattern.expand(slope, weight.shape).to(weight.dtype))
         if ctx.cache is not None:
-            ctx.cache[_SlopeCache.key(weight)] = (signed_slope, slope.sum(dtype=torch.float64))
+            ctx.cache.put(weight, signed_slope, slope.sum(dtype=torch.float64))
         grad_weight = grad * pattern.expand(values, weight.shape).to(grad.dtype)
         per_weight = pattern.expand(grad_values.mul_(beta / (ctx.cost * size)), weight.shape)  # dL/d|w| over s
         grad_weight.addcmul_(signed_slope, per_weight.to(grad.dtype))
@@ -188,7 +192,7 @@ class _Threshold(torch.autograd.Function):
 
 def _signed_slope(ctx, weight: Tensor, cost: float) -> tuple[Tensor, Tensor]:
     """``sign(w) * s`` expanded to the weight and ``sum(s)`` (float64), from the cache or recomputed."""
-    cached = ctx.cache.get(_SlopeCache.key(weight))
+    cached = ctx.cache.find(weight)
     if cached is not None:
         return cached
     values = soft_group_values(weight, ctx.pattern, ctx.threshold, ctx.sharpness, cost)

@@ -123,3 +123,16 @@ def test_straight_through_mask_takes_bool_or_float_masks_alike():
         out = straight_through_mask(x, *masks)
         results.append((out, torch.autograd.grad(out.square().sum() + out.sum(), x)[0]))
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+
+
+def test_slope_cache_serves_the_node_and_keeps_one_entry_per_weight():
+    w = torch.nn.Parameter(torch.randn(50, generator=torch.Generator().manual_seed(2)))
+    node = threshold_node([w], Unstructured(), soft_topk_threshold(w.detach().abs(), 0.3, 4.0), 4.0)
+    keep = hard_topk(w.detach().abs(), 0.3).float()
+    for _ in range(3):  # three optimizer steps under one node (update_every > 1)
+        spartan_weight(w, Unstructured(), node, 4.0, keep).sum().backward()
+        assert node.slope_cache.find(w) is not None  # the layer's backward left sign(w) * s for this version
+        with torch.no_grad():
+            w.add_(0.01)
+        assert node.slope_cache.find(w) is None  # stale after the step
+    assert len(node.slope_cache) == 1
