@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lightning_sparse.core.soft_topk as soft_topk_module
-from lightning_sparse.core.soft_topk import soft_topk
+from lightning_sparse.core.soft_topk import soft_topk, soft_topk_threshold
 
 SIZES = [10, 1_000, 100_000]
 SHARPNESS = [1.0, 10.0, 100.0, 1e4]
@@ -266,3 +266,19 @@ def test_rejects_overflowing_unit_values():
 def test_rejects_non_floating_scores(scores, got):
     with pytest.raises(TypeError, match=f"scores must be a floating-point tensor, got {got}"):
         soft_topk(scores, 0.5, 1.0)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e-4, -0.3, 5.0])  # exact, near, far below, far above the root
+def test_threshold_from_a_guess_meets_the_same_budget(offset):
+    scores = torch.randn(300_000, generator=torch.Generator().manual_seed(4)).abs()
+    cold = soft_topk_threshold(scores, 0.1, 50.0)
+    warm = soft_topk_threshold(scores, 0.1, 50.0, guess=cold + offset)
+    kept = torch.sigmoid(50.0 * (scores.double() - warm)).sum().item()
+    assert abs(kept - 30_000) <= 1e-6 * 30_000
+    assert warm == pytest.approx(cold, abs=1e-6)
+
+
+@pytest.mark.parametrize("guess", [float("nan"), float("inf"), "0.1", True])
+def test_bad_guess_is_rejected(guess):
+    with pytest.raises(ValueError, match=r"guess must be a finite number or None, got"):
+        soft_topk_threshold(torch.rand(10), 0.5, 1.0, guess=guess)
