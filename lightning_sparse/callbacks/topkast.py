@@ -82,7 +82,7 @@ class TopKAST(MaskedForwardCallback):
                                                                                      "backward_density")
         self._check_backward(self.density)
         self.backward_masks: dict[str, Tensor] = {}
-        self._backward_multipliers: dict[str, tuple[Tensor, Tensor]] = {}
+        self._backward_multipliers: dict[str, Tensor] = {}
 
     def _check_backward(self, density: float | None) -> None:
         if self.backward_density is not None and density is not None and self.backward_density < density:
@@ -103,28 +103,24 @@ class TopKAST(MaskedForwardCallback):
             backward = {name: max(d, self.backward_density) for name, d in densities.items()}
             overall = max(target, self.backward_density) if self.distribution == "global" else None
             wider = select_masks(scores, backward, self.pattern, overall, fixed)
-            self.backward_masks = {name: wider[name] | masks[name] for name in masks}
+            self._set_backward_masks({name: wider[name] | masks[name] for name in masks})
         return masks
 
     def effective_weight(self, name: str, weight: Tensor) -> Tensor:
-        return straight_through_mask(weight, self.masks.multiplier(name), self._backward_multiplier(name, weight))
+        return straight_through_mask(weight, self.masks.multiplier(name), self._backward_multipliers.get(name))
 
-    def _backward_multiplier(self, name: str, weight: Tensor) -> Tensor | None:
-        """The backward mask as 0/1 values of the weight's dtype (a multiply is faster than a select), cached."""
-        mask = self.backward_masks.get(name)
-        if mask is None:
-            return None
-        cached = self._backward_multipliers.get(name)
-        if cached is None or cached[0] is not mask:
-            cached = self._backward_multipliers[name] = (mask, mask.to(weight.dtype))
-        return cached[1]
+    def _set_backward_masks(self, masks: dict[str, Tensor]) -> None:
+        """Keep the backward masks, and as 0/1 values of each weight's dtype (a multiply is faster than a select)."""
+        self.backward_masks = masks
+        params = self.masks.params
+        self._backward_multipliers = {name: mask.to(params[name].dtype) for name, mask in masks.items()}
 
     def extra_state_dict(self) -> dict[str, Any]:
         return {"backward_masks": {name: self.pattern.compress(m).cpu() for name, m in self.backward_masks.items()}}
 
     def load_extra_state_dict(self, state: dict[str, Any]) -> None:
         params = self.masks.params
-        self.backward_masks = {
+        self._set_backward_masks({
             name: self.pattern.expand(m, tuple(params[name].shape)).to(params[name].device)
             for name, m in state.get("backward_masks", {}).items()
-        }
+        })

@@ -45,6 +45,8 @@ def topk_threshold(flat: Tensor, k: int, below: float | None = None) -> tuple[Te
     k-th value minus a margin). When between ``k`` and ``2 k`` entries exceed it, the selection runs on those
     entries only; otherwise on all of them. The result is the same either way.
     """
+    if not 0 <= k <= flat.numel():
+        raise ValueError(f"k must be in [0, {flat.numel()}], got {k}")
     mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     if k == 0:
         return mask, -math.inf
@@ -70,14 +72,6 @@ def _kth_above(values: Tensor, k: int, below: float, buffer: Tensor) -> Tensor |
     return torch.kthvalue(values[buffer], count - k + 1).values
 
 
-def topk_indices(scores: Tensor, k: int) -> Tensor:
-    """Flat indices of the ``k`` highest scores, in ascending index order; ties go to the lower flat index."""
-    flat = scores.reshape(-1)
-    if not 0 <= k <= flat.numel():
-        raise ValueError(f"k must be in [0, {flat.numel()}], got {k}")
-    return torch.nonzero(topk_flat(flat, k)).squeeze(1)
-
-
 def topk_mask(scores: Tensor, k: int) -> Tensor:
     """Boolean mask keeping exactly the ``k`` highest scores.
 
@@ -89,8 +83,6 @@ def topk_mask(scores: Tensor, k: int) -> Tensor:
         ValueError: when ``k`` is out of range or ``scores`` holds NaN/inf.
     """
     _check_finite(scores)
-    if not 0 <= k <= scores.numel():
-        raise ValueError(f"k must be in [0, {scores.numel()}], got {k}")
     return topk_flat(scores.reshape(-1), k).reshape(scores.shape)
 
 
@@ -104,7 +96,7 @@ def drop_lowest(scores: Tensor, mask: Tensor, n: int) -> Tensor:
     if not 0 <= n <= active:
         raise ValueError(f"n must be in [0, {active}] (the active count), got {n}")
     _check_finite(scores)
-    return best_among(scores, mask, active - n, active)
+    return _best_among(scores, mask, active - n, active)
 
 
 def grow_highest(scores: Tensor, mask: Tensor, n: int) -> Tensor:
@@ -117,10 +109,10 @@ def grow_highest(scores: Tensor, mask: Tensor, n: int) -> Tensor:
     if not 0 <= n <= inactive:
         raise ValueError(f"n must be in [0, {inactive}] (the inactive count), got {n}")
     _check_finite(scores)
-    return mask | best_among(scores, ~mask, n, inactive)
+    return mask | _best_among(scores, ~mask, n, inactive)
 
 
-def best_among(scores: Tensor, candidates: Tensor, k: int, count: int) -> Tensor:
+def _best_among(scores: Tensor, candidates: Tensor, k: int, count: int) -> Tensor:
     """Mask of the ``k`` highest ``scores`` among the ``count`` positions where ``candidates`` is True.
 
     Few candidates are gathered and selected among; many are selected in place with the others set to ``-inf``

@@ -81,3 +81,10 @@ def test_topk_threshold_of_zero_and_all():
     assert not mask.any() and kth == float("-inf")
     mask, kth = topk_threshold(scores, 3)
     assert mask.all() and kth == 1.0
+
+
+def test_topk_threshold_rejects_k_out_of_range():
+    with pytest.raises(ValueError, match=r"k must be in \[0, 3\], got 4"):
+        topk_threshold(torch.zeros(3), 4)
+    with pytest.raises(ValueError, match=r"k must be in \[0, 3\], got -1"):
+        topk_threshold(torch.zeros(3), -1)
