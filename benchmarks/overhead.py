@@ -1,6 +1,9 @@
 """Per-step training overhead of sparsity callbacks, as ratios to a dense step, measured side by side.
 
-Model: a 784-1024-1024-10 MLP at batch 256 (Adam), synthetic inputs of Fashion-MNIST's shape. Variants run in
+Models (``--model``): ``mlp``, a 784-1024-1024-10 MLP at batch 256 (Adam; 1.9M weights and little compute per
+weight: the worst case for per-weight mask work), or ``cnn``, the recipes' SmallCNN at their batch of 128 (Adam,
+cosine schedule; 420k weights, most of the compute in the convolutions); synthetic inputs of Fashion-MNIST's shape
+either way. Variants run in
 interleaved rounds in one process so machine noise hits all of them alike; each round trains every variant for
 ``--steps`` optimizer steps and the first ``--warmup`` steps of each round are dropped.
 
@@ -10,6 +13,7 @@ with its full cost (the default 205 steps leave a window of 200 steps). The medi
 the cost of an ordinary step without the updates.
 
     python benchmarks/overhead.py --rounds 3                 # CPU time of the training thread
+    python benchmarks/overhead.py --rounds 3 --model cnn     # the recipes' SmallCNN
     python benchmarks/overhead.py --rounds 3 --clock wall --threads 2
 
 The default clock is ``cpu``: ``time.thread_time()`` of the training thread with one intra-op thread, which does
@@ -36,6 +40,7 @@ from lightning.pytorch.callbacks import Callback, ModelPruning
 from torch import nn
 
 from lightning_sparse.callbacks import MagnitudePruning, RigL, SparsityScheduler, Spartan, TopKAST
+from lightning_sparse.models import SmallCNN
 
 
 class BenchMLP(pl.LightningModule):
@@ -106,21 +111,30 @@ VARIANTS: dict[str, Callable[[], list[Callback]]] = {
 }
 
 
-def data(steps: int, batch_size: int = 256) -> torch.utils.data.DataLoader:
+MODELS: dict[str, tuple[Callable[[], pl.LightningModule], int]] = {
+    "mlp": (BenchMLP, 256),
+    "cnn": (lambda: SmallCNN(lr=0.002), 128),
+}
+
+
+def data(steps: int, batch_size: int) -> torch.utils.data.DataLoader:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(steps * batch_size, 1, 28, 28, generator=generator)
     y = torch.randint(0, 10, (steps * batch_size,), generator=generator)
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
 
 
-def run_variant(make: Callable[[], list[Callback]], steps: int, epochs: int, clock: Callable[[], float]) -> StepTimer:
+def run_variant(
+    make: Callable[[], list[Callback]], model: str, steps: int, epochs: int, clock: Callable[[], float]
+) -> StepTimer:
     timer = StepTimer(clock)
     torch.manual_seed(0)
     trainer = pl.Trainer(
         max_epochs=epochs, callbacks=[*make(), timer], accelerator="cpu", logger=False, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False,
     )
-    trainer.fit(BenchMLP(), data(steps // epochs))
+    module, batch_size = MODELS[model]
+    trainer.fit(module(), data(steps // epochs, batch_size))
     return timer
 
 
@@ -130,6 +144,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=205, help="optimizer steps per variant per round")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=2, help="epochs per round (ModelPruning prunes per epoch)")
+    parser.add_argument("--model", choices=sorted(MODELS), default="mlp")
     parser.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: 1 for cpu, 2 for wall)")
@@ -144,10 +159,10 @@ def main() -> None:
     amortized = {name: [] for name in names}
     for _ in range(args.rounds):
         for name in names:
-            timer = run_variant(VARIANTS[name], args.steps, args.epochs, clock)
+            timer = run_variant(VARIANTS[name], args.model, args.steps, args.epochs, clock)
             steps[name] += timer.step_times(args.warmup)
             amortized[name].append(timer.amortized(args.warmup))
-    print(f"torch {torch.__version__}, {args.clock} clock, {threads} thread(s), "
+    print(f"model {args.model}, torch {torch.__version__}, {args.clock} clock, {threads} thread(s), "
           f"{args.rounds} rounds x {args.steps} steps ({args.warmup} warm-up steps dropped per round)")
     print_table(names, {n: statistics.median(v) for n, v in amortized.items()},
                 {n: statistics.median(v) for n, v in steps.items()})

@@ -87,11 +87,11 @@ class MaskState:
     def density(self, name: str) -> float:
         """Fraction of ``name``'s mask that is kept."""
         mask = self.masks[name]
-        return float(mask.sum()) / mask.numel()
+        return int(torch.count_nonzero(mask)) / mask.numel()
 
     def global_density(self) -> float:
         """Fraction kept over all masked parameters together."""
-        kept = sum(int(m.sum()) for m in self.masks.values())
+        kept = sum(int(torch.count_nonzero(m)) for m in self.masks.values())
         return kept / sum(m.numel() for m in self.masks.values())
 
     def state_dict(self) -> dict[str, Tensor]:

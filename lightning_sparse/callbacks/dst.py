@@ -18,9 +18,8 @@ Drop scores (lowest dropped): ``magnitude`` :math:`|w|`; ``set`` magnitude on ea
 ``mest`` :math:`|w| + \gamma |g|`; ``snip`` :math:`|w g|`; ``reciprocal_sensitivity`` :math:`|w| / (|g| + 10^{-8})`;
 ``random``. Grow scores (highest grown): ``random`` (exact count), ``gradient`` :math:`|g|`, ``momentum``
 :math:`|m|`. :math:`g` is the dense gradient of the update step's batch (accumulated, unscaled). :math:`m` is an
-exponential average (decay 0.9) of the dense gradients that this callback keeps: the optimizer's own momentum
-is zero wherever a weight is masked (its gradient is masked before every step), so it cannot rank inactive
-positions. Memory: gradient criteria copy the targets' gradients on update steps only; ``momentum`` (growth or
+exponential average (decay 0.9) of the dense gradients that this callback keeps, so the criterion does not
+depend on the optimizer (plain SGD has no momentum; a regrown weight's optimizer state is zeroed). Memory: gradient criteria copy the targets' gradients on update steps only; ``momentum`` (growth or
 redistribution) keeps one dense float32 copy of the targets and updates it every step.
 """
 
@@ -51,7 +50,7 @@ from lightning_sparse.core.criteria import (
     redistribute,
     registered_criterion,
 )
-from lightning_sparse.core.masks import drop_lowest, grow_highest
+from lightning_sparse.core.masks import all_finite, drop_lowest, grow_highest
 from lightning_sparse.core.patterns import NM, parse_pattern
 from lightning_sparse.core.selection import select_masks
 from lightning_sparse.core.sparse_init import scale_to_active_fan_in_
@@ -75,13 +74,6 @@ def _check_choice(argument: str, value: Any, allowed: tuple) -> Any:
     if value not in allowed:
         raise ValueError(f"{argument} must be one of {list(allowed)}, got {value!r}")
     return value
-
-
-def _all_finite(tensors: list[Tensor]) -> bool:
-    if not tensors:
-        return True
-    device = tensors[0].device
-    return bool(torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).all())
 
 
 class DynamicSparseTraining(SparsityCallback):
@@ -230,7 +222,7 @@ class DynamicSparseTraining(SparsityCallback):
         if not (due or self._tracks_momentum):
             return
         grads = {name: p.grad for name, p in self.masks.params.items() if p.grad is not None}
-        finite = _all_finite(list(grads.values()))
+        finite = all_finite(list(grads.values()))
         if finite and self._tracks_momentum:
             self._track_momentum(grads)
         if due and not finite:
@@ -289,7 +281,7 @@ class DynamicSparseTraining(SparsityCallback):
 
     def _rewire(self, optimizers: list, fraction: float) -> dict[str, Tensor]:
         groups = {name: self.pattern.compress(mask) for name, mask in self.masks.masks.items()}
-        drops = {name: round(fraction * int(g.sum())) for name, g in groups.items()}
+        drops = {name: round(fraction * int(torch.count_nonzero(g))) for name, g in groups.items()}
         grows = self._redistribute(groups, drops) if self.redistribution else drops
         masks = {}
         for name, group_mask in groups.items():
@@ -310,7 +302,7 @@ class DynamicSparseTraining(SparsityCallback):
         for name, mask in self.masks.masks.items():
             active = self.momentum[name].abs()[mask]
             weights[name] = float(active.mean()) if active.numel() else 0.0
-        capacities = {name: g.numel() - int(g.sum()) + drops[name] for name, g in groups.items()}
+        capacities = {name: g.numel() - int(torch.count_nonzero(g)) + drops[name] for name, g in groups.items()}
         return redistribute(drops, capacities, weights)
 
     def _scores(self, criterion: str | CriterionFn, name: str, optimizers: list) -> Tensor:

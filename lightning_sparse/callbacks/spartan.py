@@ -43,7 +43,7 @@ from lightning_sparse.core.soft_mask import (
 COSTS = ("params", "flops")
 DEFAULT_SHARPNESS = 20.0
 WARMUP = 0.2  # the reference's density ramp: 1 -> density over the first 20% of the run
-HINT_MARGIN = 0.02  # the hard top-k selects among the entries above (1 - this) x the previous k-th value
+HINT_MARGIN = 0.02  # the hard top-k selects among the entries within (1 -+ this) x the previous k-th value
 
 
 @dataclass
@@ -293,8 +293,11 @@ class Spartan(MaskedForwardCallback):
             return torch.ones_like(flat, dtype=torch.bool), None
         if costs is not None:
             return hard_topk(flat, density, costs), None
-        below = None if previous is None or previous.kth is None else previous.kth - HINT_MARGIN * abs(previous.kth)
-        return topk_threshold(flat, round(density * flat.numel()), below)
+        bracket = None
+        if previous is not None and previous.kth is not None:
+            margin = HINT_MARGIN * abs(previous.kth)
+            bracket = (previous.kth - margin, previous.kth + margin)
+        return topk_threshold(flat, round(density * flat.numel()), bracket)
 
     def update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, Tensor]:
         changed = super().update_masks(trainer, pl_module, step)

@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from lightning_sparse.core.masks import all_finite
+
 __all__ = ["soft_topk", "soft_topk_threshold"]
 
 _DIRECT_MAX = 1 << 17  # up to this many entries the solve starts from the exact hard threshold
@@ -140,7 +142,7 @@ def _check_args(scores: Tensor, density: float, sharpness: float, costs: Tensor 
         raise ValueError(f"density must be in (0, 1], got {density}")
     if not (sharpness > 0 and math.isfinite(sharpness)):
         raise ValueError(f"sharpness must be a finite number > 0, got {sharpness}")
-    if scores.numel() and not _all_finite(scores):
+    if scores.numel() and not all_finite([scores]):
         raise ValueError("scores must be finite, got NaN or inf entries")
     if costs is not None:
         _check_costs(costs, scores.shape)
@@ -153,12 +155,6 @@ def _check_costs(costs: Tensor, shape: torch.Size) -> None:
         low, high = torch.aminmax(costs.detach())
         if not (low > 0 and torch.isfinite(high)):
             raise ValueError(f"costs must be positive and finite, got entries in [{low.item()}, {high.item()}]")
-
-
-def _all_finite(x: Tensor) -> bool:
-    """One pass: min and max are finite iff no entry is NaN or inf (aminmax propagates NaN)."""
-    low, high = torch.aminmax(x.detach())
-    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 class _SoftTopK(torch.autograd.Function):
@@ -194,7 +190,7 @@ def _unit_values(scores: Tensor, costs: Tensor | None) -> tuple[Tensor, Tensor |
         return u, None
     c = costs.detach().reshape(-1).to(dtype)
     u = u / c
-    if not _all_finite(u):
+    if not all_finite([u]):
         raise ValueError(f"scores / costs must be finite, got overflow in {dtype} (costs too small?)")
     return u, c
 

@@ -1,7 +1,18 @@
+import functools
+import math
+
 import pytest
 import torch
 
-from lightning_sparse.core.masks import drop_lowest, grow_highest, topk_mask, topk_threshold
+from lightning_sparse.core.masks import (
+    SAMPLE_STRIDE,
+    _sampled_hint,
+    all_finite,
+    drop_lowest,
+    grow_highest,
+    topk_mask,
+    topk_threshold,
+)
 
 
 def test_topk_exact_count_and_tie_break_by_index():
@@ -66,13 +77,30 @@ def test_drop_and_grow_on_a_non_contiguous_mask_and_tied_scores():
     assert torch.equal(new, torch.nonzero(~dropped.reshape(-1)).squeeze(1)[:5])  # ties: lower indices grow
 
 
-@pytest.mark.parametrize("below", [None, -10.0, 0.5, 0.9, 0.99, 2.0])  # all, too many, in range, too few
-def test_topk_threshold_hint_never_changes_the_result(below):
+@pytest.mark.parametrize(
+    "bracket",
+    [None, (-10.0, math.inf), (0.5, math.inf), (0.9, math.inf), (0.99, math.inf), (2.0, math.inf),  # low only
+     (0.9, 0.93), (0.91, 0.92), (0.92, 0.92), (0.5, 0.6), (0.95, 2.0), (0.0, 1.0)],  # bands: hits, misses, ties
+)
+def test_topk_threshold_bracket_never_changes_the_result(bracket):
     scores = torch.rand(5000, generator=torch.Generator().manual_seed(3)).mul(100).round().div(100)  # many ties
     expected = topk_mask(scores, 400)
-    mask, kth = topk_threshold(scores, 400, below)
+    mask, kth = topk_threshold(scores, 400, bracket)
     assert torch.equal(mask, expected)
     assert kth == scores[expected].min().item()
+
+
+def test_topk_threshold_selects_inside_a_band_that_holds_the_kth_value(monkeypatch):
+    scores = torch.randn(10_000, generator=torch.Generator().manual_seed(0))
+    kth = torch.sort(scores, descending=True).values[999].item()
+    selected = []
+    monkeypatch.setattr(torch, "kthvalue", lambda x, k: selected.append(x.numel()) or real_kthvalue(x, k))
+    mask, found = topk_threshold(scores, 1000, (kth - 0.01, kth + 0.01))
+    assert found == kth and torch.equal(mask, _stable_topk(scores, 1000))
+    assert len(selected) == 1 and selected[0] < 200  # only the band's entries, not all 10 000
+
+
+real_kthvalue = torch.kthvalue
 
 
 def test_topk_threshold_of_zero_and_all():
@@ -88,3 +116,37 @@ def test_topk_threshold_rejects_k_out_of_range():
         topk_threshold(torch.zeros(3), 4)
     with pytest.raises(ValueError, match=r"k must be in \[0, 3\], got -1"):
         topk_threshold(torch.zeros(3), -1)
+
+
+def _stable_topk(scores, k):
+    expected = torch.zeros(scores.numel(), dtype=torch.bool)
+    expected[torch.sort(scores, descending=True, stable=True).indices[:k]] = True
+    return expected
+
+
+@functools.cache
+def _layouts(n):
+    generator = torch.Generator().manual_seed(n)
+    normal = torch.randn(n, generator=generator)
+    ties = normal.mul(4).round()
+    mostly_zero = normal.masked_fill(torch.rand(n, generator=generator) < 0.7, 0.0)
+    strided_peaks = torch.rand(n, generator=generator)
+    strided_peaks[::SAMPLE_STRIDE] += 10  # the sample sees only peaks: its hint is far too high
+    return {"normal": normal, "ties": ties, "mostly_zero": mostly_zero, "strided_peaks": strided_peaks}
+
+
+@pytest.mark.parametrize("layout", ["normal", "ties", "mostly_zero", "strided_peaks"])
+@pytest.mark.parametrize("k", [1, 700, 9000, 30000])
+def test_topk_on_large_tensors_uses_a_sampled_hint_and_equals_a_stable_sort(layout, k):
+    scores = _layouts(1 << 17)[layout]
+    assert _sampled_hint(scores, k) is not None  # the sampled path is exercised (n >= MIN_SAMPLED, k <= n / 4)
+    assert torch.equal(topk_threshold(scores, k)[0], _stable_topk(scores, k))
+
+
+def test_all_finite_sees_nan_and_inf_anywhere():
+    x = torch.randn(100_000)
+    assert all_finite([x, torch.arange(3), torch.empty(0)])
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[77_777] = bad
+        assert not all_finite([x, y])
