@@ -19,8 +19,9 @@ Drop scores (lowest dropped): ``magnitude`` :math:`|w|`; ``set`` magnitude on ea
 ``random``. Grow scores (highest grown): ``random`` (exact count), ``gradient`` :math:`|g|`, ``momentum``
 :math:`|m|`. :math:`g` is the dense gradient of the update step's batch (accumulated, unscaled). :math:`m` is an
 exponential average (decay 0.9) of the dense gradients that this callback keeps, so the criterion does not
-depend on the optimizer (plain SGD has no momentum; a regrown weight's optimizer state is zeroed). Memory: gradient criteria copy the targets' gradients on update steps only; ``momentum`` (growth or
-redistribution) keeps one dense float32 copy of the targets and updates it every step.
+depend on the optimizer (plain SGD has no momentum; a regrown weight's optimizer state is zeroed). Memory:
+gradient criteria copy the targets' gradients on update steps only; ``momentum`` (growth or redistribution)
+keeps one dense float32 copy of the targets and updates it every step.
 """
 
 from __future__ import annotations
