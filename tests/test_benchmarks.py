@@ -1,0 +1,34 @@
+"""Smoke tests of the benchmark scripts' building blocks: a renamed argument or a broken variant fails here, not
+in the middle of a long benchmark run. Timings are not asserted (they belong in docs/BENCHMARKS.md)."""
+
+import importlib.util
+import pathlib
+import time
+
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+@pytest.mark.parametrize("variant", ["dense", "RigL", "Spartan"])
+def test_overhead_variants_train_and_time_every_step(model, variant):
+    overhead = _load("overhead")
+    timer = overhead.run_variant(overhead.VARIANTS[variant], model, steps=6, epochs=2, clock=time.perf_counter)
+    assert len(timer.starts) == len(timer.ends) == 6
+    assert len(timer.step_times(warmup=2)) == 4
+    assert timer.amortized(warmup=2) > 0
+
+
+def test_overhead_table_prints_ratios_to_dense(capsys):
+    overhead = _load("overhead")
+    overhead.print_table(["dense", "RigL"], {"dense": 0.010, "RigL": 0.0105}, {"dense": 0.010, "RigL": 0.011})
+    row = capsys.readouterr().out.splitlines()[-1].split()
+    assert row[0] == "RigL" and row[2] == "1.050" and row[4] == "1.100"
