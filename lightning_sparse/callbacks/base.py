@@ -79,6 +79,9 @@ class SparsityCallback(Callback):
     cleared). Algorithms that keep dense weights and mask the forward instead (Spartan, Top-KAST) set it False;
     their :class:`MaskState` then only records the current hard masks."""
 
+    resets_optimizer_state: bool = True
+    """Whether a hard-mask update zeroes the optimizer state of every weight whose mask changed."""
+
     def __init__(
         self,
         density: float | None = None,
@@ -240,7 +243,8 @@ class SparsityCallback(Callback):
         """Compute and apply new masks now; returns the changed positions per target."""
         changed = self.masks.set_masks(self.compute_masks(trainer, pl_module, step))
         if self.hard_mask:
-            self.masks.clear_optimizer_state(trainer.optimizers, changed)
+            if self.resets_optimizer_state:
+                self.masks.clear_optimizer_state(trainer.optimizers, changed)
             self.masks.apply_to_weights()
         self.last_update_step = step
         rank_zero_debug(f"{type(self).__name__}: masks updated at step {step}")

@@ -59,6 +59,7 @@ from lightning_sparse.core.sparse_init import scale_to_active_fan_in_
 MOMENTUM_DECAY = 0.9
 INITS = ("random", "magnitude")
 REDISTRIBUTIONS = (None, "momentum")
+OPTIMIZER_STATES = ("zero", "keep")
 
 
 def _check_float(argument: str, value: float, low: float, high: float, closed: str) -> float:
@@ -146,6 +147,7 @@ class DynamicSparseTraining(SparsityCallback):
         redistribution: str | None = None,
         seed: int = 0,
         scale_init: bool = False,
+        optimizer_state: str = "zero",
     ) -> None:
         if isinstance(parse_pattern(pattern), NM):
             raise ValueError(f"pattern must be 'unstructured' or 'RxC' blocks for dynamic sparse training, got "
@@ -163,6 +165,8 @@ class DynamicSparseTraining(SparsityCallback):
         if not isinstance(scale_init, bool):
             raise TypeError(f"scale_init must be a bool, got {type(scale_init).__name__}: {scale_init!r}")
         self.scale_init = scale_init
+        self.optimizer_state = _check_choice("optimizer_state", optimizer_state, OPTIMIZER_STATES)
+        self.resets_optimizer_state = self.optimizer_state == "zero"
         self.momentum: dict[str, Tensor] | None = None
         self._grads: dict[str, Tensor] | None = None
         self._due_step: int | None = None

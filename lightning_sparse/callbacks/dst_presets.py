@@ -36,6 +36,8 @@ class SET(DynamicSparseTraining):
         init: ``"random"`` or ``"magnitude"`` initial masks.
         seed: seed of the callback's generator.
         scale_init: scale each unit's initial weights to its active fan-in (see ``DynamicSparseTraining``).
+        optimizer_state: ``"zero"`` (the paper) or ``"keep"``: the optimizer state regrown weights start from (see
+            ``DynamicSparseTraining``).
 
     Raises:
         ValueError: see :class:`~lightning_sparse.callbacks.DynamicSparseTraining`.
@@ -63,9 +65,11 @@ class SET(DynamicSparseTraining):
         init: str = "random",
         seed: int = 0,
         scale_init: bool = False,
+        optimizer_state: str = "zero",
     ) -> None:
         super().__init__("magnitude", "random", density, pattern, distribution, include, exclude, skip_first,
-                         skip_last, update_every, drop_fraction, stop_at, init, seed=seed, scale_init=scale_init)
+                         skip_last, update_every, drop_fraction, stop_at, init, seed=seed, scale_init=scale_init,
+                         optimizer_state=optimizer_state)
 
 
 class RigL(DynamicSparseTraining):
@@ -90,6 +94,8 @@ class RigL(DynamicSparseTraining):
         init: ``"random"`` or ``"magnitude"`` initial masks.
         seed: seed of the callback's generator.
         scale_init: scale each unit's initial weights to its active fan-in (see ``DynamicSparseTraining``).
+        optimizer_state: ``"zero"`` (the paper) or ``"keep"``: the optimizer state regrown weights start from (see
+            ``DynamicSparseTraining``).
 
     Raises:
         ValueError: see :class:`~lightning_sparse.callbacks.DynamicSparseTraining`.
@@ -117,9 +123,11 @@ class RigL(DynamicSparseTraining):
         init: str = "random",
         seed: int = 0,
         scale_init: bool = False,
+        optimizer_state: str = "zero",
     ) -> None:
         super().__init__("magnitude", "gradient", density, pattern, distribution, include, exclude, skip_first,
-                         skip_last, update_every, drop_fraction, stop_at, init, seed=seed, scale_init=scale_init)
+                         skip_last, update_every, drop_fraction, stop_at, init, seed=seed, scale_init=scale_init,
+                         optimizer_state=optimizer_state)
 
 
 class SNFS(DynamicSparseTraining):
@@ -145,6 +153,8 @@ class SNFS(DynamicSparseTraining):
         init: ``"random"`` or ``"magnitude"`` initial masks.
         seed: seed of the callback's generator.
         scale_init: scale each unit's initial weights to its active fan-in (see ``DynamicSparseTraining``).
+        optimizer_state: ``"zero"`` (the paper) or ``"keep"``: the optimizer state regrown weights start from (see
+            ``DynamicSparseTraining``).
 
     Raises:
         ValueError: see :class:`~lightning_sparse.callbacks.DynamicSparseTraining`.
@@ -172,10 +182,12 @@ class SNFS(DynamicSparseTraining):
         init: str = "random",
         seed: int = 0,
         scale_init: bool = False,
+        optimizer_state: str = "zero",
     ) -> None:
         super().__init__("magnitude", "momentum", density, pattern, distribution, include, exclude, skip_first,
                          skip_last, update_every, drop_fraction, stop_at, init, redistribution="momentum", seed=seed,
-                         scale_init=scale_init)
+                         scale_init=scale_init,
+                         optimizer_state=optimizer_state)
 
 
 class MEST(DynamicSparseTraining):
@@ -201,6 +213,8 @@ class MEST(DynamicSparseTraining):
         init: ``"random"`` or ``"magnitude"`` initial masks.
         seed: seed of the callback's generator.
         scale_init: scale each unit's initial weights to its active fan-in (see ``DynamicSparseTraining``).
+        optimizer_state: ``"zero"`` (the paper) or ``"keep"``: the optimizer state regrown weights start from (see
+            ``DynamicSparseTraining``).
 
     Raises:
         ValueError: see :class:`~lightning_sparse.callbacks.DynamicSparseTraining`.
@@ -230,6 +244,8 @@ class MEST(DynamicSparseTraining):
         init: str = "random",
         seed: int = 0,
         scale_init: bool = False,
+        optimizer_state: str = "zero",
     ) -> None:
         super().__init__("mest", grow, density, pattern, distribution, include, exclude, skip_first, skip_last,
-                         update_every, drop_fraction, stop_at, init, gamma=gamma, seed=seed, scale_init=scale_init)
+                         update_every, drop_fraction, stop_at, init, gamma=gamma, seed=seed, scale_init=scale_init,
+                         optimizer_state=optimizer_state)

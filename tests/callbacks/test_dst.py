@@ -99,6 +99,20 @@ def test_rigl_grows_top_gradients_and_zeroes_dropped_moments():
             assert after.states[name][moment][old & new].abs().sum() > 0
 
 
+def test_rigl_keep_optimizer_state_leaves_regrown_and_dropped_moments_as_the_optimizer_left_them():
+    dst = RigL(density=0.1, update_every=UPDATE, stop_at=1.0, optimizer_state="keep")
+    before, after = _probed_fit(dst, _constant_fraction(0.3))
+    assert dst.last_update_step == UPDATE
+    for name, old in before.masks.items():
+        new = after.masks[name]
+        grown, dropped = new & ~old, old & ~new
+        assert grown.any() and dropped.any(), name
+        assert not after.weights[name][grown].any() and not after.weights[name][dropped].any()  # weights: zero
+        for moment in ("exp_avg", "exp_avg_sq"):  # state: untouched by the update, non-zero (dense gradients)
+            assert torch.equal(after.states[name][moment], before.states[name][moment]), (name, moment)
+            assert after.states[name][moment][grown].abs().min() > 0
+
+
 def _away_from_dropped(param, grad, optimizer_state):
     """Grow score that ranks just-dropped (non-zero) weights below every never-active (zero) position."""
     return -param.detach().abs()
@@ -270,6 +284,7 @@ def test_scale_init_scales_each_unit_to_its_active_fan_in(scale_init):
         ({"redistribution": "magnitude"}, ValueError, r"redistribution must be one of \[None, 'momentum'\]"),
         ({"gamma": -1.0}, ValueError, r"gamma must be in \[0.0, inf\), got -1.0"),
         ({"scale_init": "yes"}, TypeError, "scale_init must be a bool, got str: 'yes'"),
+        ({"optimizer_state": "reset"}, ValueError, r"optimizer_state must be one of \['zero', 'keep'\], got 'reset'"),
     ],
 )
 def test_constructor_rejects_bad_arguments(kwargs, error, match):
