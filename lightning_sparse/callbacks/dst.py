@@ -84,7 +84,8 @@ class DynamicSparseTraining(SparsityCallback):
     At train start the masks are drawn at the allocated densities (``init``) and the weights are masked. Every
     ``update_every`` optimizer steps ``t`` with ``0 < t < stop_at * total_steps`` the masks are rewired after the
     optimizer step, using that step's dense gradient. Newly grown weights start at zero with zeroed optimizer
-    state; a weight dropped and regrown in the same update keeps its value and state. A step with non-finite
+    state (``optimizer_state="keep"`` leaves the state as the optimizer kept it); a weight dropped and regrown in
+    the same update keeps its value and state. A step with non-finite
     gradients skips its update with a warning. ``update_every=None`` or ``drop_fraction=0`` trains a static
     sparse baseline. A :class:`SparsityScheduler` may give the density (its final one: DST is sparse from the
     start) and a ``drop_fraction`` schedule.
