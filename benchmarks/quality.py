@@ -3,9 +3,10 @@
     python benchmarks/quality.py --epochs 3 --densities 0.1 0.02
 
 Rows: dense; static sparse (ERK random mask, never updated); GMP (MagnitudePruning, ERK, cubic ramp over the
-first 60% of steps); SET, RigL, SNFS, MEST (presets, ERK); RigL with ``scale_init=True``; Spartan (global budget,
-sharpness 20 as in the reference, and 200 for the SmallCNN's weight scale; mask frozen for the last 20%); TopKAST
-(ERK, backward density 2x forward). Later algorithms register more rows in ``VARIANTS``.
+first 60% of steps); SET, RigL, SNFS, MEST (presets, ERK); RigL with ``scale_init=True``, and with
+``configs/rigl.yaml``'s settings; Spartan (global budget, sharpness 20 as in the reference, and 200 for the
+SmallCNN's weight scale; mask frozen for the last 20%); TopKAST (ERK, backward density 2x forward). Later
+algorithms register more rows in ``VARIANTS``.
 Prints a Markdown table for docs/BENCHMARKS.md. Every run uses the same seed, data order, model and epochs.
 """
 
@@ -45,6 +46,9 @@ VARIANTS: dict[str, Callable[[float], list[Callback]]] = {
     "SET": lambda d: [SET(density=d)],
     "RigL": lambda d: [RigL(density=d)],
     "RigL (scale_init)": lambda d: [RigL(density=d, scale_init=True)],
+    "RigL (configs/rigl.yaml: ER, scale_init, optimizer_state keep)": lambda d: [
+        RigL(density=d, distribution="er", scale_init=True, optimizer_state="keep")
+    ],
     "SNFS": lambda d: [SNFS(density=d)],
     "MEST": lambda d: [MEST(density=d)],
     "Spartan": lambda d: [Spartan(density=d, sharpness=20.0, distribution="global", freeze_at=0.8)],
