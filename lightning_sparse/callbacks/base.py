@@ -75,9 +75,10 @@ class SparsityCallback(Callback):
     """
 
     hard_mask: bool = True
-    """Whether masked-out weights are kept physically zero (gradients masked, weights re-zeroed, optimizer state
-    cleared). Algorithms that keep dense weights and mask the forward instead (Spartan, Top-KAST) set it False;
-    their :class:`MaskState` then only records the current hard masks."""
+    """Whether masked-out weights are kept physically zero (re-zeroed after every optimizer step; the optimizer
+    state of changed positions cleared when :attr:`resets_optimizer_state`). Algorithms that keep dense weights
+    and mask the forward instead (Spartan, Top-KAST) set it False; their :class:`MaskState` then only records the
+    current hard masks."""
 
     resets_optimizer_state: bool = True
     """Whether a hard-mask update zeroes the optimizer state of every weight whose mask changed."""
