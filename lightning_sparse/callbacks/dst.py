@@ -85,10 +85,9 @@ class DynamicSparseTraining(SparsityCallback):
     ``update_every`` optimizer steps ``t`` with ``0 < t < stop_at * total_steps`` the masks are rewired after the
     optimizer step, using that step's dense gradient. Newly grown weights start at zero with zeroed optimizer
     state (``optimizer_state="keep"`` leaves the state as the optimizer kept it); a weight dropped and regrown in
-    the same update keeps its value and state. A step with non-finite
-    gradients skips its update with a warning. ``update_every=None`` or ``drop_fraction=0`` trains a static
-    sparse baseline. A :class:`SparsityScheduler` may give the density (its final one: DST is sparse from the
-    start) and a ``drop_fraction`` schedule.
+    the same update keeps its value and state. A step with non-finite gradients skips its update with a warning.
+    ``update_every=None`` or ``drop_fraction=0`` trains a static sparse baseline. A :class:`SparsityScheduler` may
+    give the density (its final one: DST is sparse from the start) and a ``drop_fraction`` schedule.
 
     Args:
         drop: drop criterion: ``"magnitude"``, ``"set"``, ``"mest"``, ``"snip"``, ``"reciprocal_sensitivity"``,
@@ -167,13 +166,17 @@ class DynamicSparseTraining(SparsityCallback):
             raise TypeError(f"scale_init must be a bool, got {type(scale_init).__name__}: {scale_init!r}")
         self.scale_init = scale_init
         self.optimizer_state = _check_choice("optimizer_state", optimizer_state, OPTIMIZER_STATES)
-        self.resets_optimizer_state = self.optimizer_state == "zero"
         self.momentum: dict[str, Tensor] | None = None
         self._grads: dict[str, Tensor] | None = None
         self._due_step: int | None = None
         self._stop_step = math.inf
 
     # ----------------------------------------------------------------------------------------- numbers
+    @property
+    def resets_optimizer_state(self) -> bool:
+        """Whether an update zeroes the optimizer state of changed positions (``optimizer_state="zero"``)."""
+        return self.optimizer_state == "zero"
+
     @property
     def _tracks_momentum(self) -> bool:
         return self.grow == "momentum" or self.redistribution == "momentum"

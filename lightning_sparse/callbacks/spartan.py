@@ -288,7 +288,7 @@ class Spartan(MaskedForwardCallback):
     def _hard_topk(
         flat: Tensor, density: float, costs: Tensor | None, previous: _Budget | None
     ) -> tuple[Tensor, float | None]:
-        """The exact hard top-k; its selection starts just under the previous step's k-th value when there is one."""
+        """The exact hard top-k; it selects within a band around the previous step's k-th value when there is one."""
         if density == 1:
             return torch.ones_like(flat, dtype=torch.bool), None
         if costs is not None:

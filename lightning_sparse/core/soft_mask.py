@@ -144,10 +144,9 @@ class _SpartanWeight(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         weight, values = ctx.saved_tensors
         pattern, beta, size = ctx.pattern, ctx.sharpness, _group_size(ctx.pattern)
-        slope = torch.addcmul(values, values, values, value=-1)  # s = m (1 - m)
+        signed_slope, slope = _signed_slope_of(weight, values, pattern)
         grad_values = pattern.group_scores((grad * weight).float()).mul_(size)  # dL/dm per group
         grad_threshold = -beta * torch.dot(grad_values, slope) if ctx.needs_input_grad[1] else None
-        signed_slope = weight.sign().mul_(pattern.expand(slope, weight.shape).to(weight.dtype))
         if ctx.cache is not None:
             ctx.cache.put(weight, signed_slope, slope.sum(dtype=torch.float64))
         grad_weight = grad * pattern.expand(values, weight.shape).to(grad.dtype)
@@ -155,6 +154,11 @@ class _SpartanWeight(torch.autograd.Function):
         grad_weight.addcmul_(signed_slope, per_weight.to(grad.dtype))
         return grad_weight, grad_threshold, None, None, None, None
 
+
+def _signed_slope_of(weight: Tensor, values: Tensor, pattern: Pattern) -> tuple[Tensor, Tensor]:
+    """``sign(w) * s`` expanded to the weight, and the group slopes ``s = m (1 - m)`` of the group values ``m``."""
+    slope = torch.addcmul(values, values, values, value=-1)
+    return weight.sign().mul_(pattern.expand(slope, weight.shape).to(weight.dtype)), slope
 
 
 def spartan_weight(
@@ -196,8 +200,7 @@ def _signed_slope(ctx, weight: Tensor, cost: float) -> tuple[Tensor, Tensor]:
     if cached is not None:
         return cached
     values = soft_group_values(weight, ctx.pattern, ctx.threshold, ctx.sharpness, cost)
-    slope = values.sub_(values.square())
-    signed = weight.sign().mul_(ctx.pattern.expand(slope, weight.shape).to(weight.dtype))
+    signed, slope = _signed_slope_of(weight, values, ctx.pattern)
     return signed, slope.sum(dtype=torch.float64)
 
 
