@@ -30,19 +30,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_debug
 from torch import Tensor
 
+from lightning_sparse.callbacks._args import check_int
 from lightning_sparse.callbacks.scheduler import SparsityScheduler, find_scheduler
 from lightning_sparse.core.density import allocate_densities, check_density, check_distribution
 from lightning_sparse.core.patterns import NM, parse_pattern
 from lightning_sparse.core.targets import select_targets
 from lightning_sparse.masking import MaskState
-
-
-def _check_int(argument: str, value: int, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{argument} must be an int, got {type(value).__name__}: {value!r}")
-    if value < minimum:
-        raise ValueError(f"{argument} must be >= {minimum}, got {value}")
-    return value
 
 
 def _globs(argument: str, globs: Sequence[str] | None) -> list[str] | None:
@@ -102,8 +95,8 @@ class SparsityCallback(Callback):
         self.include = _globs("include", include)
         self.exclude = _globs("exclude", exclude)
         self.skip_first, self.skip_last = bool(skip_first), bool(skip_last)
-        self.update_every = _check_int("update_every", update_every, 1)
-        self.seed = _check_int("seed", seed, 0)
+        self.update_every = check_int("update_every", update_every, 1)
+        self.seed = check_int("seed", seed, 0)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.masks: MaskState | None = None
         self.layer_overrides: dict[str, float] = {}

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from lightning_sparse.callbacks.base import _check_int
+from lightning_sparse.callbacks._args import check_int
 from lightning_sparse.callbacks.export import bake_masked_forward, first_batch_input
 from lightning_sparse.export.plan import LayerPlan, parse_export_pattern, plan_layers
 from lightning_sparse.export.verify import output_tensors
@@ -98,7 +98,7 @@ class KernelBenchmark(Callback):
         if dtype is not None and dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {tuple(_DTYPES)} or None, got {dtype!r}")
         self.dirpath = None if dirpath is None else Path(dirpath)
-        self.tokens = None if tokens is None else _check_int("tokens", tokens, 1)
+        self.tokens = None if tokens is None else check_int("tokens", tokens, 1)
         self.pattern, self.warmup, self.rep, self.dtype = pattern, float(warmup), float(rep), dtype
         self.results: dict[str, Any] | None = None
 

@@ -35,7 +35,8 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
-from lightning_sparse.callbacks.base import SparsityCallback, _check_int
+from lightning_sparse.callbacks._args import check_choice, check_float, check_int
+from lightning_sparse.callbacks.base import SparsityCallback
 from lightning_sparse.core import scores
 from lightning_sparse.core.criteria import (
     DROP_CRITERIA,
@@ -60,22 +61,6 @@ MOMENTUM_DECAY = 0.9
 INITS = ("random", "magnitude")
 REDISTRIBUTIONS = (None, "momentum")
 OPTIMIZER_STATES = ("zero", "keep")
-
-
-def _check_float(argument: str, value: float, low: float, high: float, closed: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{argument} must be a float, got {type(value).__name__}: {value!r}")
-    inside = (low <= value < high) if closed == "[)" else (low < value <= high)
-    if not inside or math.isnan(value):
-        interval = f"[{low}, {high})" if closed == "[)" else f"({low}, {high}]"
-        raise ValueError(f"{argument} must be in {interval}, got {value}")
-    return float(value)
-
-
-def _check_choice(argument: str, value: Any, allowed: tuple) -> Any:
-    if value not in allowed:
-        raise ValueError(f"{argument} must be one of {list(allowed)}, got {value!r}")
-    return value
 
 
 class DynamicSparseTraining(SparsityCallback):
@@ -152,20 +137,20 @@ class DynamicSparseTraining(SparsityCallback):
         if isinstance(parse_pattern(pattern), NM):
             raise ValueError(f"pattern must be 'unstructured' or 'RxC' blocks for dynamic sparse training, got "
                              f"{pattern!r} (N:M masks cannot be rewired weight by weight)")
-        every = 1 if update_every is None else _check_int("update_every", update_every, 1)
+        every = 1 if update_every is None else check_int("update_every", update_every, 1)
         super().__init__(density, pattern, distribution, include, exclude, skip_first, skip_last, every, seed)
         self.update_every = update_every
         self.drop = check_criterion("drop", drop, DROP_CRITERIA)
         self.grow = check_criterion("grow", grow, GROW_CRITERIA)
-        self.drop_fraction = _check_float("drop_fraction", drop_fraction, 0.0, 1.0, "[)")
-        self.stop_at = _check_float("stop_at", stop_at, 0.0, 1.0, "(]")
-        self.init = _check_choice("init", init, INITS)
-        self.gamma = _check_float("gamma", gamma, 0.0, math.inf, "[)")
-        self.redistribution = _check_choice("redistribution", redistribution, REDISTRIBUTIONS)
+        self.drop_fraction = check_float("drop_fraction", drop_fraction, 0.0, 1.0, "[)")
+        self.stop_at = check_float("stop_at", stop_at, 0.0, 1.0, "(]")
+        self.init = check_choice("init", init, INITS)
+        self.gamma = check_float("gamma", gamma, 0.0, math.inf, "[)")
+        self.redistribution = check_choice("redistribution", redistribution, REDISTRIBUTIONS)
         if not isinstance(scale_init, bool):
             raise TypeError(f"scale_init must be a bool, got {type(scale_init).__name__}: {scale_init!r}")
         self.scale_init = scale_init
-        self.optimizer_state = _check_choice("optimizer_state", optimizer_state, OPTIMIZER_STATES)
+        self.optimizer_state = check_choice("optimizer_state", optimizer_state, OPTIMIZER_STATES)
         self.momentum: dict[str, Tensor] | None = None
         self._grads: dict[str, Tensor] | None = None
         self._due_step: int | None = None
@@ -204,7 +189,7 @@ class DynamicSparseTraining(SparsityCallback):
         """
         scheduled = None if self._scheduler is None else self._scheduler.drop_fraction(step)
         if scheduled is not None:
-            return _check_float(f"SparsityScheduler drop_fraction at step {step}", scheduled, 0.0, 1.0, "[)")
+            return check_float(f"SparsityScheduler drop_fraction at step {step}", scheduled, 0.0, 1.0, "[)")
         progress = min(step / self._stop_step, 1.0)
         return self.drop_fraction / 2 * (1 + math.cos(math.pi * progress))
 

@@ -21,7 +21,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_sparse.callbacks.base import SparsityCallback, _check_int
+from lightning_sparse.callbacks._args import check_int
+from lightning_sparse.callbacks.base import SparsityCallback
 from lightning_sparse.core.scores import magnitude
 from lightning_sparse.core.selection import select_masks
 
@@ -72,8 +73,8 @@ class MagnitudePruning(SparsityCallback):
         seed: int = 0,
     ) -> None:
         super().__init__(density, pattern, distribution, include, exclude, skip_first, skip_last, update_every, seed)
-        self.at_step = None if at_step is None else _check_int("at_step", at_step, 0)
-        self.rewind_to = None if rewind_to is None else _check_int("rewind_to", rewind_to, 0)
+        self.at_step = None if at_step is None else check_int("at_step", at_step, 0)
+        self.rewind_to = None if rewind_to is None else check_int("rewind_to", rewind_to, 0)
         self.rewind_weights: dict[str, Tensor] | None = None
 
     def should_update(self, step: int) -> bool:

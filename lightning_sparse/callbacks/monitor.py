@@ -8,7 +8,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from lightning_sparse.callbacks.base import SparsityCallback, _check_int
+from lightning_sparse.callbacks._args import check_int
+from lightning_sparse.callbacks.base import SparsityCallback
 from lightning_sparse.core.targets import default_targets
 from lightning_sparse.report import SparsityReport, sparsity_report
 
@@ -36,7 +37,7 @@ class SparsityMonitor(Callback):
     """
 
     def __init__(self, log_every_n_steps: int | None = None, per_layer: bool = True) -> None:
-        self.log_every_n_steps = None if log_every_n_steps is None else _check_int("log_every_n_steps",
+        self.log_every_n_steps = None if log_every_n_steps is None else check_int("log_every_n_steps",
                                                                                    log_every_n_steps, 1)
         self.per_layer = per_layer
         self.last_report: SparsityReport | None = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lightning_sparse.callbacks.base import _check_int
+from lightning_sparse.callbacks._args import check_int
 from lightning_sparse.callbacks.magnitude import MagnitudePruning
 
 
@@ -55,11 +55,11 @@ class NMSparsity(MagnitudePruning):
         skip_last: bool = False,
         seed: int = 0,
     ) -> None:
-        _check_int("n", n, 1)
-        _check_int("m", m, 2)
+        check_int("n", n, 1)
+        check_int("m", m, 2)
         if n >= m:
             raise ValueError(f"n must be smaller than m (keep n of every m), got n={n}, m={m}")
-        self.reselect_every = None if reselect_every is None else _check_int("reselect_every", reselect_every, 1)
+        self.reselect_every = None if reselect_every is None else check_int("reselect_every", reselect_every, 1)
         super().__init__(
             density=n / m, pattern=f"{n}:{m}", include=include, exclude=exclude, skip_first=skip_first,
             skip_last=skip_last, update_every=reselect_every or 1, at_step=at_step, seed=seed,

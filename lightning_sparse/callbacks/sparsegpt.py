@@ -30,7 +30,8 @@ import torch.distributed as dist
 from rich.progress import track
 from torch import Tensor, nn
 
-from lightning_sparse.callbacks.base import SparsityCallback, _check_int
+from lightning_sparse.callbacks._args import check_int
+from lightning_sparse.callbacks.base import SparsityCallback
 from lightning_sparse.core.obs import check_budget, obs_prune
 from lightning_sparse.core.obs_refine import check_refinement
 from lightning_sparse.core.patterns import NM
@@ -51,7 +52,7 @@ def _pruner(
     """Check the pruning options and bind them to :func:`obs_prune` (``prune(weight, hessian, name=...)``)."""
     density, pattern = check_budget(density, nm)
     check_refinement(nm_selection, refit, reselect, pattern)
-    _check_int("block_size", block_size, 1)
+    check_int("block_size", block_size, 1)
     if isinstance(damp, bool) or not isinstance(damp, int | float) or not damp >= 0:
         raise ValueError(f"damp must be a number >= 0 (relative to the mean Hessian diagonal), got {damp!r}")
     options = {"nm_selection": nm_selection, "refit": refit, "reselect": reselect}
@@ -213,7 +214,7 @@ class SparseGPT(SparsityCallback):
         if at not in ("fit_start", "fit_end"):
             raise ValueError(f"at must be 'fit_start' or 'fit_end', got {at!r}")
         self.at = at
-        self.calibration_batches = _check_int("calibration_batches", calibration_batches, 1)
+        self.calibration_batches = check_int("calibration_batches", calibration_batches, 1)
         self.block_size, self.damp = block_size, float(damp)
         self.nm_selection, self.refit, self.reselect = nm_selection, refit, reselect
         self.sequential = bool(sequential)

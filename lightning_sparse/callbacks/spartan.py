@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -26,62 +25,19 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from lightning_sparse.callbacks._args import check_choice, check_positive, check_step
 from lightning_sparse.callbacks.masked import MaskedForwardCallback
 from lightning_sparse.callbacks.scheduler import SparsityScheduler, find_scheduler
-from lightning_sparse.core.masks import topk_threshold
+from lightning_sparse.callbacks.spartan_budget import Budget, solve_budget
 from lightning_sparse.core.patterns import NM, Blocks
 from lightning_sparse.core.schedules import Schedule, resolve_step
-from lightning_sparse.core.soft_mask import (
-    group_magnitudes,
-    hard_topk,
-    soft_group_values,
-    soft_topk_threshold,
-    spartan_weight,
-    threshold_node,
-)
+from lightning_sparse.core.soft_mask import soft_group_values, spartan_weight
 
 COSTS = ("params", "flops")
 DEFAULT_SHARPNESS = 20.0
 WARMUP = 0.2  # the reference's density ramp: 1 -> density over the first 20% of the run
-HINT_MARGIN = 0.02  # the hard top-k selects among the entries within (1 -+ this) x the previous k-th value
 
 
-@dataclass
-class _Budget:
-    """One soft top-k budget: a layer, or every pooled layer under ``distribution="global"``."""
-
-    names: tuple[str, ...]
-    threshold: float
-    sharpness: float
-    value: Tensor | None = field(default=None, repr=False)  # the threshold as a float32 tensor on the weights' device
-    node: Tensor | None = field(default=None, repr=False)  # the shared threshold node (graph; never pickled)
-    kth: float | None = None  # the hard top-k's last kept value: a hint for the next selection (not state)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "node": None}
-
-    def to_state(self) -> dict[str, Any]:
-        return {"names": list(self.names), "threshold": self.threshold, "sharpness": self.sharpness}
-
-
-def _check_positive(argument: str, value: float | None) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{argument} must be a float > 0, got {type(value).__name__}: {value!r}")
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{argument} must be a finite number > 0, got {value}")
-    return float(value)
-
-
-def _check_step(argument: str, value: int | float | None) -> int | float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{argument} must be an int step, a float fraction of the run or None, got {value!r}")
-    if (isinstance(value, float) and not 0.0 <= value <= 1.0) or (isinstance(value, int) and value < 0):
-        raise ValueError(f"{argument} must be an int step >= 0 or a float fraction in [0, 1], got {value}")
-    return value
 
 
 class Spartan(MaskedForwardCallback):
@@ -153,12 +109,10 @@ class Spartan(MaskedForwardCallback):
                          bake_at_end)
         if isinstance(self.pattern, NM):
             raise ValueError(f"Spartan supports 'unstructured' and 'RxC' block patterns, got pattern={pattern!r}")
-        if cost not in COSTS:
-            raise ValueError(f"cost must be one of {COSTS}, got {cost!r}")
-        self.sharpness = _check_positive("sharpness", sharpness)
-        self.cost = cost
-        self.freeze_at = _check_step("freeze_at", freeze_at)
-        self._budgets: dict[str, _Budget] = {}
+        self.sharpness = check_positive("sharpness", sharpness)
+        self.cost = check_choice("cost", cost, COSTS)
+        self.freeze_at = check_step("freeze_at", freeze_at)
+        self._budgets: dict[str, Budget] = {}
         self._frozen: dict[str, Tensor] | None = None
         self._costs: dict[str, float] = {}
         self._cost_hooks: list = []
@@ -262,42 +216,11 @@ class Spartan(MaskedForwardCallback):
         masks: dict[str, Tensor] = {}
         previous, self._budgets = self._budgets, {}
         for group, density in groups:
-            masks.update(self._solve(group, density, beta, previous.get(group[0])))
+            budget, group_masks = solve_budget(self.masks.params, group, self.pattern, self._costs, density, beta,
+                                               previous.get(group[0]))
+            self._budgets.update(dict.fromkeys(group, budget))
+            masks.update(group_masks)
         return masks
-
-    @torch.no_grad()
-    def _solve(self, names: list[str], density: float, beta: float, previous: _Budget | None) -> dict[str, Tensor]:
-        """Soft threshold and exact hard top-k of one budget; the previous step's threshold starts the solve."""
-        params = self.masks.params
-        scores = [group_magnitudes(params[n], self.pattern) for n in names]
-        device = scores[0].device
-        flat = torch.cat([s.to(device) for s in scores])
-        costs = None
-        if any(self._costs[n] != 1.0 for n in names):
-            costs = torch.cat([torch.full_like(s, self._costs[n], device=device)
-                               for n, s in zip(names, scores, strict=True)])
-        guess = None if previous is None or not math.isfinite(previous.threshold) else previous.threshold
-        threshold = soft_topk_threshold(flat, density, beta, costs, guess)
-        hard, kth = self._hard_topk(flat, density, costs, previous)
-        budget = _Budget(tuple(names), threshold, beta, kth=kth)
-        self._budgets.update(dict.fromkeys(names, budget))
-        chunks = torch.split(hard, [s.numel() for s in scores])
-        return {n: self.pattern.expand(c, params[n].shape) for n, c in zip(names, chunks, strict=True)}
-
-    @staticmethod
-    def _hard_topk(
-        flat: Tensor, density: float, costs: Tensor | None, previous: _Budget | None
-    ) -> tuple[Tensor, float | None]:
-        """The exact hard top-k; it selects within a band around the previous step's k-th value when there is one."""
-        if density == 1:
-            return torch.ones_like(flat, dtype=torch.bool), None
-        if costs is not None:
-            return hard_topk(flat, density, costs), None
-        bracket = None
-        if previous is not None and previous.kth is not None:
-            margin = HINT_MARGIN * abs(previous.kth)
-            bracket = (previous.kth - margin, previous.kth + margin)
-        return topk_threshold(flat, round(density * flat.numel()), bracket)
 
     def update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, Tensor]:
         changed = super().update_masks(trainer, pl_module, step)
@@ -310,22 +233,10 @@ class Spartan(MaskedForwardCallback):
         self._frozen = {}
         for name, param in self.masks.params.items():
             budget = self._budgets[name]
-            threshold = self._threshold(budget, graph=False)
+            threshold = budget.threshold_tensor(self.masks.params, self.pattern, self._costs, graph=False)
             values = soft_group_values(param, self.pattern, threshold, budget.sharpness, self._costs[name])
             keep = self.pattern.compress(self.masks.masks[name]).reshape(-1)
             self._frozen[name] = torch.where(keep, values.to(keep.device), 0.0)
-
-    def _threshold(self, budget: _Budget, graph: bool) -> Tensor:
-        """The budget's threshold: the shared node when a graph is being built, else a constant tensor."""
-        params = [self.masks.params[n] for n in budget.names]
-        if budget.value is None:
-            budget.value = torch.tensor(budget.threshold, dtype=torch.float32, device=params[0].device)
-        if not graph:
-            return budget.value
-        if budget.node is None:
-            costs = [self._costs[n] for n in budget.names]
-            budget.node = threshold_node(params, self.pattern, budget.threshold, budget.sharpness, costs)
-        return budget.node
 
     def effective_weight(self, name: str, weight: Tensor) -> Tensor:
         if self._frozen is not None:
@@ -333,7 +244,8 @@ class Spartan(MaskedForwardCallback):
         budget = self._budgets[name]
         if budget.threshold == -math.inf:
             return weight
-        threshold = self._threshold(budget, torch.is_grad_enabled() and weight.requires_grad)
+        graph = torch.is_grad_enabled() and weight.requires_grad
+        threshold = budget.threshold_tensor(self.masks.params, self.pattern, self._costs, graph)
         return spartan_weight(weight, self.pattern, threshold, budget.sharpness, self.masks.multiplier(name),
                               self._costs[name])
 
@@ -347,7 +259,7 @@ class Spartan(MaskedForwardCallback):
         self._costs.update(state["costs"])
         self._budgets = {}
         for entry in state["budgets"]:
-            budget = _Budget(tuple(entry["names"]), float(entry["threshold"]), float(entry["sharpness"]))
+            budget = Budget.from_state(entry)
             self._budgets.update(dict.fromkeys(budget.names, budget))
         frozen = state["frozen"]
         self._frozen = None if frozen is None else {

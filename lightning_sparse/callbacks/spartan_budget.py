@@ -1,0 +1,97 @@
+"""One Spartan budget (a layer, or every pooled layer of a global budget): its soft threshold, its exact hard top-k
+and the threshold node that carries the budget's coupling term of the implicit gradient."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_sparse.core.masks import topk_threshold
+from lightning_sparse.core.patterns import Pattern
+from lightning_sparse.core.soft_mask import group_magnitudes, hard_topk, soft_topk_threshold, threshold_node
+
+HINT_MARGIN = 0.02  # the hard top-k selects among the entries within (1 -+ this) x the previous k-th value
+
+
+@dataclass
+class Budget:
+    """A solved budget: the soft threshold ``t`` and sharpness of the weights ``names`` (state), the last hard
+    top-k value (a hint for the next selection) and the threshold's tensors (never pickled or checkpointed)."""
+
+    names: tuple[str, ...]
+    threshold: float
+    sharpness: float
+    value: Tensor | None = field(default=None, repr=False)  # the threshold as a float32 tensor on the weights' device
+    node: Tensor | None = field(default=None, repr=False)  # the shared threshold node (graph; never pickled)
+    kth: float | None = None  # the hard top-k's last kept value: a hint for the next selection (not state)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "node": None}
+
+    def to_state(self) -> dict[str, Any]:
+        return {"names": list(self.names), "threshold": self.threshold, "sharpness": self.sharpness}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> Budget:
+        return cls(tuple(state["names"]), float(state["threshold"]), float(state["sharpness"]))
+
+    def threshold_tensor(
+        self, params: Mapping[str, Tensor], pattern: Pattern, costs: Mapping[str, float], graph: bool
+    ) -> Tensor:
+        """The threshold: the shared node when a graph is being built, else a constant tensor."""
+        weights = [params[n] for n in self.names]
+        if self.value is None:
+            self.value = torch.tensor(self.threshold, dtype=torch.float32, device=weights[0].device)
+        if not graph:
+            return self.value
+        if self.node is None:
+            self.node = threshold_node(weights, pattern, self.threshold, self.sharpness, [costs[n] for n in self.names])
+        return self.node
+
+
+@torch.no_grad()
+def solve_budget(
+    params: Mapping[str, Tensor],
+    names: Sequence[str],
+    pattern: Pattern,
+    costs: Mapping[str, float],
+    density: float,
+    sharpness: float,
+    previous: Budget | None,
+) -> tuple[Budget, dict[str, Tensor]]:
+    """Soft threshold and exact hard top-k of the weights ``names``; the previous budget starts both searches.
+
+    Returns the budget and the hard mask of each weight (bool, the weight's shape).
+    """
+    scores = [group_magnitudes(params[n], pattern) for n in names]
+    device = scores[0].device
+    flat = torch.cat([s.to(device) for s in scores])
+    cost = None
+    if any(costs[n] != 1.0 for n in names):
+        cost = torch.cat([torch.full_like(s, costs[n], device=device) for n, s in zip(names, scores, strict=True)])
+    guess = None if previous is None or not math.isfinite(previous.threshold) else previous.threshold
+    threshold = soft_topk_threshold(flat, density, sharpness, cost, guess)
+    hard, kth = _hard_topk(flat, density, cost, previous)
+    chunks = torch.split(hard, [s.numel() for s in scores])
+    masks = {n: pattern.expand(c, params[n].shape) for n, c in zip(names, chunks, strict=True)}
+    return Budget(tuple(names), threshold, sharpness, kth=kth), masks
+
+
+def _hard_topk(
+    flat: Tensor, density: float, costs: Tensor | None, previous: Budget | None
+) -> tuple[Tensor, float | None]:
+    """The exact hard top-k; it selects within a band around the previous step's k-th value when there is one."""
+    if density == 1:
+        return torch.ones_like(flat, dtype=torch.bool), None
+    if costs is not None:
+        return hard_topk(flat, density, costs), None
+    bracket = None
+    if previous is not None and previous.kth is not None:
+        margin = HINT_MARGIN * abs(previous.kth)
+        bracket = (previous.kth - margin, previous.kth + margin)
+    return topk_threshold(flat, round(density * flat.numel()), bracket)
