@@ -32,3 +32,23 @@ def test_overhead_table_prints_ratios_to_dense(capsys):
     overhead.print_table(["dense", "RigL"], {"dense": 0.010, "RigL": 0.0105}, {"dense": 0.010, "RigL": 0.011})
     row = capsys.readouterr().out.splitlines()[-1].split()
     assert row[0] == "RigL" and row[2] == "1.050" and row[4] == "1.100"
+
+
+def test_recipe_gap_builds_the_yaml_recipe_with_the_seed_and_a_dense_baseline():
+    recipe_gap = _load("recipe_gap")
+    import yaml
+
+    config = yaml.safe_load((BENCHMARKS.parent / "configs" / "rigl.yaml").read_text())
+    model, data, callbacks = recipe_gap.build(config, seed=3, sparse=True)
+    rigl = next(c for c in callbacks if type(c).__name__ == "RigL")
+    assert (rigl.seed, rigl.distribution, rigl.optimizer_state, rigl.scale_init) == (3, "er", "keep", True)
+    assert type(model).__name__ == "SmallCNN" and model.hparams.lr == 0.002
+    assert type(data).__name__ == "FashionMNISTDataModule"
+    assert recipe_gap.build(config, seed=3, sparse=False)[2] == []
+
+
+def test_recipe_gap_table_gives_gaps_in_points(capsys):
+    recipe_gap = _load("recipe_gap")
+    recipe_gap.print_table([0, 1], {"dense": [0.92, 0.93], "recipe": [0.91, 0.915]})
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == "| gap (points) | -1.00 | -1.50 | -1.25 |"
