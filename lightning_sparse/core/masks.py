@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -71,13 +72,12 @@ def topk_threshold(flat: Tensor, k: int, bracket: tuple[float, float] | None = N
         bracket = _sampled_hint(values, k)
     kth = None if bracket is None else _kth_in_bracket(values, k, bracket, mask)
     if kth is None:
-        kth = torch.kthvalue(values, values.numel() - k + 1).values
-    torch.ge(values, kth, out=mask)
-    if int(torch.count_nonzero(mask)) != k:  # ties at the k-th value: the lowest indices among them are kept
-        torch.gt(values, kth, out=mask)
-        missing = k - int(torch.count_nonzero(mask))
+        kth = _kth_smallest(values, values.numel() - k + 1)
+    if _count(_compare(values, "ge", kth, mask)) != k:  # ties at the k-th value: the lowest indices among them kept
+        _compare(values, "gt", kth, mask)
+        missing = k - _count(mask)
         mask[torch.nonzero(values == kth).squeeze(1)[:missing]] = True
-    return mask, float(kth)
+    return mask, kth
 
 
 def _sampled_hint(values: Tensor, k: int) -> tuple[float, float] | None:
@@ -91,23 +91,52 @@ def _sampled_hint(values: Tensor, k: int) -> tuple[float, float] | None:
     if n < MIN_SAMPLED or 4 * k > n or rank >= n // SAMPLE_STRIDE:
         return None
     sample = values[::SAMPLE_STRIDE]
-    return float(torch.kthvalue(sample, sample.numel() - rank + 1).values), math.inf
+    return _kth_smallest(sample, sample.numel() - rank + 1), math.inf
 
 
-def _kth_in_bracket(values: Tensor, k: int, bracket: tuple[float, float], buffer: Tensor) -> Tensor | None:
+def _kth_in_bracket(values: Tensor, k: int, bracket: tuple[float, float], buffer: Tensor) -> float | None:
     """The k-th highest value, selected among the entries in ``(low, high]``; None when it is not in there or
     more than half of the entries are (then one selection over all of them is as cheap)."""
     low, high = bracket
-    above_high = int(torch.count_nonzero(values > high)) if high < math.inf else 0
+    above_high = _count(_compare(values, "gt", high, buffer)) if high < math.inf else 0
     if above_high >= k:
         return None
-    torch.gt(values, low, out=buffer)
-    in_band = int(torch.count_nonzero(buffer)) - above_high
+    in_band = _count(_compare(values, "gt", low, buffer)) - above_high
     if above_high + in_band < k or 2 * in_band > values.numel():
         return None
     if high < math.inf:
-        buffer &= values <= high
-    return torch.kthvalue(values[buffer], in_band - (k - above_high) + 1).values
+        buffer &= _compare(values, "le", high, torch.empty_like(buffer))
+    return _kth_smallest(values, in_band - (k - above_high) + 1, where=buffer)
+
+
+# Selection and compares on CPU tensors run in numpy (shared memory, no copies of the inputs): its introselect
+# (``np.partition``) is 3.5-4x faster than ``torch.kthvalue`` on 0.4M-25M floats here, its compares into a bool array
+# 2-3x faster than torch's, and its boolean indexing 4x faster. Other devices use torch. Results are identical.
+_COMPARES = {"gt": (np.greater, torch.gt), "ge": (np.greater_equal, torch.ge), "le": (np.less_equal, torch.le)}
+NUMPY_DEVICES = ("cpu",)  # device types whose selections and compares run in numpy
+
+
+def _compare(values: Tensor, op: str, x: float, out: Tensor) -> Tensor:
+    """``out = values <op> x`` (bool), with ``x`` rounded to ``values``' dtype as torch does."""
+    numpy_op, torch_op = _COMPARES[op]
+    if values.device.type in NUMPY_DEVICES:
+        array = values.detach().numpy()
+        numpy_op(array, array.dtype.type(x), out=out.numpy())
+        return out
+    return torch_op(values, x, out=out)
+
+
+def _count(mask: Tensor) -> int:
+    return int(np.count_nonzero(mask.numpy())) if mask.device.type in NUMPY_DEVICES else int(torch.count_nonzero(mask))
+
+
+def _kth_smallest(values: Tensor, rank: int, where: Tensor | None = None) -> float:
+    """The ``rank``-th smallest (1-based) of the flat ``values`` (of those where ``where`` is True)."""
+    if values.device.type in NUMPY_DEVICES:
+        array = values.detach().numpy()
+        array = array if where is None else array[where.numpy()]
+        return float(np.partition(array, rank - 1)[rank - 1])
+    return float(torch.kthvalue(values if where is None else values[where], rank).values)
 
 
 def topk_mask(scores: Tensor, k: int) -> Tensor:

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from lightning_sparse.core import masks
 from lightning_sparse.core.masks import (
     SAMPLE_STRIDE,
     _sampled_hint,
@@ -13,6 +14,14 @@ from lightning_sparse.core.masks import (
     topk_mask,
     topk_threshold,
 )
+
+
+@pytest.fixture(params=["numpy", "torch"])
+def backend(request, monkeypatch):
+    """Run a test on the numpy selection path (CPU tensors) and on the torch one (other devices)."""
+    if request.param == "torch":
+        monkeypatch.setattr(masks, "NUMPY_DEVICES", ())
+    return request.param
 
 
 def test_topk_exact_count_and_tie_break_by_index():
@@ -82,7 +91,7 @@ def test_drop_and_grow_on_a_non_contiguous_mask_and_tied_scores():
     [None, (-10.0, math.inf), (0.5, math.inf), (0.9, math.inf), (0.99, math.inf), (2.0, math.inf),  # low only
      (0.9, 0.93), (0.91, 0.92), (0.92, 0.92), (0.5, 0.6), (0.95, 2.0), (0.0, 1.0)],  # bands: hits, misses, ties
 )
-def test_topk_threshold_bracket_never_changes_the_result(bracket):
+def test_topk_threshold_bracket_never_changes_the_result(bracket, backend):
     scores = torch.rand(5000, generator=torch.Generator().manual_seed(3)).mul(100).round().div(100)  # many ties
     expected = topk_mask(scores, 400)
     mask, kth = topk_threshold(scores, 400, bracket)
@@ -90,17 +99,22 @@ def test_topk_threshold_bracket_never_changes_the_result(bracket):
     assert kth == scores[expected].min().item()
 
 
-def test_topk_threshold_selects_inside_a_band_that_holds_the_kth_value(monkeypatch):
+def test_topk_threshold_selects_inside_a_band_that_holds_the_kth_value(monkeypatch, backend):
     scores = torch.randn(10_000, generator=torch.Generator().manual_seed(0))
     kth = torch.sort(scores, descending=True).values[999].item()
     selected = []
-    monkeypatch.setattr(torch, "kthvalue", lambda x, k: selected.append(x.numel()) or real_kthvalue(x, k))
+
+    def recording(values, rank, where=None):
+        selected.append(values.numel() if where is None else int(where.sum()))
+        return real_kth_smallest(values, rank, where)
+
+    monkeypatch.setattr(masks, "_kth_smallest", recording)
     mask, found = topk_threshold(scores, 1000, (kth - 0.01, kth + 0.01))
     assert found == kth and torch.equal(mask, _stable_topk(scores, 1000))
     assert len(selected) == 1 and selected[0] < 200  # only the band's entries, not all 10 000
 
 
-real_kthvalue = torch.kthvalue
+real_kth_smallest = masks._kth_smallest
 
 
 def test_topk_threshold_of_zero_and_all():
@@ -137,7 +151,7 @@ def _layouts(n):
 
 @pytest.mark.parametrize("layout", ["normal", "ties", "mostly_zero", "strided_peaks"])
 @pytest.mark.parametrize("k", [1, 700, 9000, 30000])
-def test_topk_on_large_tensors_uses_a_sampled_hint_and_equals_a_stable_sort(layout, k):
+def test_topk_on_large_tensors_uses_a_sampled_hint_and_equals_a_stable_sort(layout, k, backend):
     scores = _layouts(1 << 17)[layout]
     assert _sampled_hint(scores, k) is not None  # the sampled path is exercised (n >= MIN_SAMPLED, k <= n / 4)
     assert torch.equal(topk_threshold(scores, k)[0], _stable_topk(scores, k))
@@ -150,3 +164,15 @@ def test_all_finite_sees_nan_and_inf_anywhere():
         y = x.clone()
         y[77_777] = bad
         assert not all_finite([x, y])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_numpy_and_torch_selection_paths_agree_at_rounded_bounds(dtype, monkeypatch):
+    # bounds that are not representable in float32 round the same way on both paths
+    scores = torch.rand(20_000, generator=torch.Generator().manual_seed(5), dtype=dtype).mul(1000).round().div(1000)
+    results = []
+    for devices in (("cpu",), ()):
+        monkeypatch.setattr(masks, "NUMPY_DEVICES", devices)
+        results.append([topk_threshold(scores, k, (0.9 + 1e-9, 0.95 - 1e-9)) for k in (1, 999, 1500, 3000)])
+    for (mask_np, kth_np), (mask_torch, kth_torch) in zip(*results, strict=True):
+        assert torch.equal(mask_np, mask_torch) and kth_np == kth_torch
