@@ -54,3 +54,15 @@ def test_state_dict_checks_names_and_shapes():
         state.check_state_dict({"other": torch.ones(4, dtype=torch.bool)})
     with pytest.raises(ValueError, match=r"mask for weight has shape \(64,\) but .* needs \(4,\) under pattern 4x4"):
         state.check_state_dict({"weight": torch.ones(64, dtype=torch.bool)})
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_multiplier_holds_the_mask_as_zeros_and_ones_of_the_weight_dtype(dtype):
+    weight = torch.nn.Parameter(torch.randn(6, 5, dtype=dtype))
+    state = MaskState({"w": weight})
+    mask = torch.rand(6, 5, generator=torch.Generator().manual_seed(0)) < 0.4
+    state.set_masks({"w": mask})
+    multiplier = state.multiplier("w")
+    assert multiplier.dtype == dtype and torch.equal(multiplier, mask.to(dtype))
+    state.set_masks({"w": torch.ones(6, 5, dtype=torch.bool)})  # keeps everything: no multiply at all
+    assert state.multiplier("w").dtype == torch.bool and state.density("w") == 1.0

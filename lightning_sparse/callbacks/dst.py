@@ -52,7 +52,7 @@ from lightning_sparse.core.criteria import (
     redistribute,
     registered_criterion,
 )
-from lightning_sparse.core.masks import all_finite, drop_lowest, grow_highest
+from lightning_sparse.core.masks import all_finite, count_true, drop_lowest, grow_highest
 from lightning_sparse.core.patterns import NM, parse_pattern
 from lightning_sparse.core.selection import select_masks
 from lightning_sparse.core.sparse_init import scale_to_active_fan_in_
@@ -275,7 +275,7 @@ class DynamicSparseTraining(SparsityCallback):
 
     def _rewire(self, optimizers: list, fraction: float) -> dict[str, Tensor]:
         groups = {name: self.pattern.compress(mask) for name, mask in self.masks.masks.items()}
-        drops = {name: round(fraction * int(torch.count_nonzero(g))) for name, g in groups.items()}
+        drops = {name: round(fraction * count_true(g)) for name, g in groups.items()}
         grows = self._redistribute(groups, drops) if self.redistribution else drops
         masks = {}
         for name, group_mask in groups.items():
@@ -296,7 +296,7 @@ class DynamicSparseTraining(SparsityCallback):
         for name, mask in self.masks.masks.items():
             active = self.momentum[name].abs()[mask]
             weights[name] = float(active.mean()) if active.numel() else 0.0
-        capacities = {name: g.numel() - int(torch.count_nonzero(g)) + drops[name] for name, g in groups.items()}
+        capacities = {name: g.numel() - count_true(g) + drops[name] for name, g in groups.items()}
         return redistribute(drops, capacities, weights)
 
     def _scores(self, criterion: str | CriterionFn, name: str, optimizers: list) -> Tensor:

