@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from lightning_sparse.core.masks import count_true
+from lightning_sparse.core.masks import count_true, flat_nonzero
 from lightning_sparse.core.patterns import Pattern, Unstructured
 
 
@@ -72,13 +72,20 @@ class MaskState:
     def clear_optimizer_state(
         self, optimizers: Iterable[torch.optim.Optimizer], positions: Mapping[str, Tensor]
     ) -> None:
-        """Zero every per-element optimizer state (momentum, Adam moments, ...) at ``positions`` (bool masks)."""
-        for optimizer in optimizers:
-            for name, where in positions.items():
-                state = optimizer.state.get(self.params[name])
-                for value in (state or {}).values():
-                    if isinstance(value, Tensor) and value.shape == where.shape:
-                        value.masked_fill_(where.to(value.device), 0)
+        """Zero every per-element optimizer state (momentum, Adam moments, ...) at ``positions`` (bool masks).
+
+        Contiguous states are filled through the positions' flat indices (few positions change per update: much
+        cheaper than a masked fill over the whole tensor); others with a masked fill."""
+        optimizers = list(optimizers)
+        for name, where in positions.items():
+            states = [value for optimizer in optimizers for value in optimizer.state.get(self.params[name], {}).values()
+                      if isinstance(value, Tensor) and value.shape == where.shape]
+            indices = flat_nonzero(where) if states else None
+            for value in states:
+                if value.is_contiguous():
+                    value.view(-1).index_fill_(0, indices.to(value.device), 0)
+                else:
+                    value.masked_fill_(where.to(value.device), 0)
 
     @torch.no_grad()
     def names_with_weights_outside_mask(self) -> list[str]:

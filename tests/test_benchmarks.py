@@ -21,17 +21,22 @@ def _load(name: str):
 @pytest.mark.parametrize("variant", ["dense", "RigL", "Spartan"])
 def test_overhead_variants_train_and_time_every_step(model, variant):
     overhead = _load("overhead")
-    timer = overhead.run_variant(overhead.VARIANTS[variant], model, steps=6, epochs=2, clock=time.perf_counter)
+    timer, hooks = overhead.run_variant(overhead.VARIANTS[variant], model, steps=6, epochs=2, clock=time.perf_counter)
     assert len(timer.starts) == len(timer.ends) == 6
     assert len(timer.step_times(warmup=2)) == 4
     assert timer.amortized(warmup=2) > 0
+    hook_time = hooks.per_step(timer, warmup=2)
+    assert (hook_time == 0) == (variant == "dense")  # the sparsity callbacks' hooks are timed, nothing else
+    assert hook_time < timer.amortized(warmup=2)
 
 
 def test_overhead_table_prints_ratios_to_dense(capsys):
     overhead = _load("overhead")
-    overhead.print_table(["dense", "RigL"], {"dense": 0.010, "RigL": 0.0105}, {"dense": 0.010, "RigL": 0.011})
+    overhead.print_table(["dense", "RigL"], {"dense": 0.010, "RigL": 0.0105}, {"dense": 0.010, "RigL": 0.011},
+                         {"dense": 0.0, "RigL": 0.0002})
     row = capsys.readouterr().out.splitlines()[-1].split()
     assert row[0] == "RigL" and row[2] == "1.050" and row[4] == "1.100"
+    assert row[5] == "0.200" and row[6] == "1.0200"
 
 
 def test_recipe_gap_builds_the_yaml_recipe_with_the_seed_and_a_dense_baseline():

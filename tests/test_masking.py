@@ -35,6 +35,24 @@ def test_clear_optimizer_state_only_at_given_positions():
     assert not moments["exp_avg"][0].any() and moments["exp_avg"][1:].abs().sum() > 0
 
 
+def test_clear_optimizer_state_of_a_channels_last_conv_matches_the_contiguous_one():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3)
+    conv_last = nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    conv_last.load_state_dict(conv.state_dict())
+    where = torch.rand(conv.weight.shape) < 0.3
+    moments = []
+    for layer in (conv, conv_last):
+        optimizer = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+        layer(torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))).sum().backward()
+        optimizer.step()
+        MaskState({"weight": layer.weight}).clear_optimizer_state([optimizer], {"weight": where})
+        moments.append(optimizer.state[layer.weight]["momentum_buffer"])
+    assert not moments[1].is_contiguous()  # the masked-fill path
+    assert torch.equal(moments[0], moments[1])
+    assert not moments[0][where].any() and moments[0][~where].abs().sum() > 0
+
+
 def test_block_masks_are_stored_per_block_and_round_trip():
     layer = nn.Linear(8, 8)
     state = MaskState({"weight": layer.weight}, Blocks(4, 4))

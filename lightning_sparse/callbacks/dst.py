@@ -52,7 +52,7 @@ from lightning_sparse.core.criteria import (
     redistribute,
     registered_criterion,
 )
-from lightning_sparse.core.masks import all_finite, count_true, drop_lowest, grow_highest
+from lightning_sparse.core.masks import all_finite, count_true, flat_nonzero, grow_around, keep_highest_among
 from lightning_sparse.core.patterns import NM, parse_pattern
 from lightning_sparse.core.selection import select_masks
 from lightning_sparse.core.sparse_init import scale_to_active_fan_in_
@@ -279,17 +279,20 @@ class DynamicSparseTraining(SparsityCallback):
         grows = self._redistribute(groups, drops) if self.redistribution else drops
         masks = {}
         for name, group_mask in groups.items():
-            kept = self._drop(name, group_mask, drops[name], optimizers)
+            kept = self._kept_after_drop(name, group_mask, drops[name], optimizers)
             grow_scores = self.pattern.group_scores(self._scores(self.grow, name, optimizers))
-            grown = grow_highest(grow_scores.to(kept.device), kept, grows[name])
+            fresh = isinstance(self.grow, str) and self.grow in GROW_CRITERIA  # built-in scores are new tensors
+            grown = grow_around(grow_scores, kept, grows[name], overwrite=fresh).reshape(group_mask.shape)
             masks[name] = self.pattern.expand(grown, tuple(self.masks.params[name].shape))
         return masks
 
-    def _drop(self, name: str, group_mask: Tensor, n: int, optimizers: list) -> Tensor:
+    def _kept_after_drop(self, name: str, group_mask: Tensor, n: int, optimizers: list) -> Tensor:
+        """Flat indices of the groups still active after dropping ``n``."""
         group_scores = self.pattern.group_scores(self._scores(self.drop, name, optimizers)).to(group_mask.device)
         if self.drop == "set":
-            return drop_by_sign(group_scores, group_mask, n)
-        return drop_lowest(group_scores, group_mask, n)
+            return flat_nonzero(drop_by_sign(group_scores, group_mask, n))
+        active = flat_nonzero(group_mask)
+        return keep_highest_among(group_scores, active, active.numel() - n)
 
     def _redistribute(self, groups: dict[str, Tensor], drops: dict[str, int]) -> dict[str, int]:
         weights = {}

@@ -10,7 +10,10 @@ from lightning_sparse.core.masks import (
     _sampled_hint,
     all_finite,
     drop_lowest,
+    flat_nonzero,
+    grow_around,
     grow_highest,
+    keep_highest_among,
     topk_mask,
     topk_threshold,
 )
@@ -176,3 +179,63 @@ def test_numpy_and_torch_selection_paths_agree_at_rounded_bounds(dtype, monkeypa
         results.append([topk_threshold(scores, k, (0.9 + 1e-9, 0.95 - 1e-9)) for k in (1, 999, 1500, 3000)])
     for (mask_np, kth_np), (mask_torch, kth_torch) in zip(*results, strict=True):
         assert torch.equal(mask_np, mask_torch) and kth_np == kth_torch
+
+
+def _stable_top(scores: torch.Tensor, among: torch.Tensor, k: int) -> torch.Tensor:
+    """Reference: the first k of ``among`` (flat indices) in a stable descending sort of their scores."""
+    order = torch.sort(scores.reshape(-1)[among], descending=True, stable=True).indices
+    return torch.sort(among[order[:k]]).values
+
+
+@pytest.mark.parametrize("k", [0, 1, 250, 599, 600])
+def test_keep_highest_among_equals_a_stable_sort_of_the_candidates(k, backend):
+    generator = torch.Generator().manual_seed(k)
+    scores = torch.randint(0, 5, (40, 50), generator=generator).float()  # many ties
+    candidates = torch.sort(torch.randperm(2000, generator=generator)[:600]).values
+    kept = keep_highest_among(scores, candidates, k)
+    assert torch.equal(kept, _stable_top(scores, candidates, k))
+
+
+@pytest.mark.parametrize("n", [0, 1, 700, 1400])
+def test_grow_around_keeps_the_taken_and_adds_the_best_others_like_a_stable_sort(n, backend):
+    generator = torch.Generator().manual_seed(n)
+    scores = torch.randint(0, 5, (2000,), generator=generator).float()
+    taken = torch.sort(torch.randperm(2000, generator=generator)[:600]).values
+    free = torch.ones(2000, dtype=torch.bool)
+    free[taken] = False
+    expected = torch.zeros(2000, dtype=torch.bool)
+    expected[taken] = True
+    expected[_stable_top(scores, torch.nonzero(free).squeeze(1), n)] = True
+    assert torch.equal(grow_around(scores, taken, n), expected)
+
+
+def test_grow_around_writes_into_the_scores_only_when_told_to():
+    scores = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    taken = torch.tensor([0])
+    assert grow_around(scores, taken, 1).tolist() == [True, True, False, False]
+    assert scores.tolist() == [4.0, 3.0, 2.0, 1.0]
+    assert grow_around(scores, taken, 1, overwrite=True).tolist() == [True, True, False, False]
+    assert scores[0] == -math.inf  # the caller's own scores, used as the work buffer
+
+
+def test_grow_around_and_keep_highest_among_reject_bad_counts_and_nan():
+    with pytest.raises(ValueError, match=r"n must be in \[0, 1\] \(the inactive count\), got 2"):
+        grow_around(torch.zeros(3), torch.tensor([0, 2]), 2)
+    with pytest.raises(ValueError, match=r"k must be in \[0, 2\] \(the candidate count\), got 3"):
+        keep_highest_among(torch.zeros(3), torch.tensor([0, 2]), 3)
+    with pytest.raises(ValueError, match="must be finite"):
+        grow_around(torch.tensor([0.0, float("nan"), 1.0]), torch.tensor([0]), 1)
+    with pytest.raises(ValueError, match="must be finite"):
+        keep_highest_among(torch.tensor([float("inf"), 0.0]), torch.tensor([0, 1]), 1)
+
+
+def test_keep_highest_among_reads_only_the_candidates_scores():
+    scores = torch.tensor([float("nan"), 2.0, 1.0, float("inf")])
+    assert keep_highest_among(scores, torch.tensor([1, 2]), 1).tolist() == [1]
+
+
+def test_flat_nonzero_gives_ascending_flat_indices_of_any_layout(backend):
+    mask = (torch.arange(24).reshape(4, 6) % 5 == 0).t()  # a transposed view
+    assert torch.equal(flat_nonzero(mask), torch.nonzero(mask.reshape(-1)).squeeze(1))
+    assert flat_nonzero(mask).dtype == torch.int64
+    assert flat_nonzero(torch.zeros(3, dtype=torch.bool)).numel() == 0
