@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from lightning_sparse.core.masks import topk_threshold
-from lightning_sparse.core.patterns import Pattern
+from lightning_sparse.core.patterns import Pattern, Unstructured
 from lightning_sparse.core.soft_mask import group_magnitudes, hard_topk, soft_topk_threshold, threshold_node
 
 HINT_MARGIN = 0.02  # the hard top-k selects among the entries within (1 -+ this) x the previous k-th value
@@ -68,18 +68,33 @@ def solve_budget(
 
     Returns the budget and the hard mask of each weight (bool, the weight's shape).
     """
-    scores = [group_magnitudes(params[n], pattern) for n in names]
-    device = scores[0].device
-    flat = torch.cat([s.to(device) for s in scores])
+    flat, sizes = _pooled_magnitudes([params[n] for n in names], pattern)
     cost = None
     if any(costs[n] != 1.0 for n in names):
-        cost = torch.cat([torch.full_like(s, costs[n], device=device) for n, s in zip(names, scores, strict=True)])
+        cost = torch.cat([torch.full((k,), costs[n], device=flat.device) for n, k in zip(names, sizes, strict=True)])
     guess = None if previous is None or not math.isfinite(previous.threshold) else previous.threshold
     threshold = soft_topk_threshold(flat, density, sharpness, cost, guess)
     hard, kth = _hard_topk(flat, density, cost, previous)
-    chunks = torch.split(hard, [s.numel() for s in scores])
+    chunks = torch.split(hard, sizes)
     masks = {n: pattern.expand(c, params[n].shape) for n, c in zip(names, chunks, strict=True)}
     return Budget(tuple(names), threshold, sharpness, kth=kth), masks
+
+
+def _pooled_magnitudes(weights: Sequence[Tensor], pattern: Pattern) -> tuple[Tensor, list[int]]:
+    """The group magnitudes of every weight in one flat float32 tensor (on the first weight's device), and each
+    weight's number of groups. Unstructured float32 weights write ``|w|`` straight into it (no per-layer copies)."""
+    device = weights[0].device
+    direct = isinstance(pattern, Unstructured) and all(w.dtype == torch.float32 for w in weights)
+    sizes = [pattern.num_groups(tuple(w.shape)) for w in weights]
+    if len(weights) == 1:
+        return group_magnitudes(weights[0], pattern), sizes
+    flat = torch.empty(sum(sizes), dtype=torch.float32, device=device)
+    for weight, chunk in zip(weights, torch.split(flat, sizes), strict=True):
+        if direct and weight.device == device:
+            torch.abs(weight.detach().reshape(-1), out=chunk)
+        else:
+            chunk.copy_(group_magnitudes(weight, pattern))
+    return flat, sizes
 
 
 def _hard_topk(

@@ -115,17 +115,21 @@ def soft_topk_threshold(
         >>> round(torch.sigmoid(10.0 * (scores - t)).sum().item(), 2)
         100.0
     """
-    _check_args(scores, density, sharpness, costs)
+    extremes = _check_args(scores, density, sharpness, costs)
     number = isinstance(guess, int | float) and not isinstance(guess, bool)
     if guess is not None and not (number and math.isfinite(guess)):
         raise ValueError(f"guess must be a finite number or None, got {guess!r}")
     if density == 1 or scores.numel() == 0:
         return -math.inf
     u, c = _unit_values(scores, costs)
-    return solve(u, c, float(density), float(sharpness), RTOL[u.dtype], guess)[0]
+    extremes = extremes if c is None else None  # the unit values are the scores themselves
+    return solve(u, c, float(density), float(sharpness), RTOL[u.dtype], guess, extremes)[0]
 
 
-def _check_args(scores: Tensor, density: float, sharpness: float, costs: Tensor | None) -> None:
+def _check_args(
+    scores: Tensor, density: float, sharpness: float, costs: Tensor | None
+) -> tuple[float, float] | None:
+    """Raise for bad arguments; returns the scores' (min, max), which the solve's bracket reuses."""
     if not isinstance(scores, Tensor) or not scores.is_floating_point():
         got = scores.dtype if isinstance(scores, Tensor) else type(scores).__name__
         raise TypeError(f"scores must be a floating-point tensor, got {got}")
@@ -133,10 +137,14 @@ def _check_args(scores: Tensor, density: float, sharpness: float, costs: Tensor 
         raise ValueError(f"density must be in (0, 1], got {density}")
     if not (sharpness > 0 and math.isfinite(sharpness)):
         raise ValueError(f"sharpness must be a finite number > 0, got {sharpness}")
-    if scores.numel() and not all_finite([scores]):
-        raise ValueError("scores must be finite, got NaN or inf entries")
+    extremes = None
+    if scores.numel():
+        extremes = tuple(x.item() for x in torch.aminmax(scores.detach()))  # NaN propagates to the extremes
+        if not all(map(math.isfinite, extremes)):
+            raise ValueError("scores must be finite, got NaN or inf entries")
     if costs is not None:
         _check_costs(costs, scores.shape)
+    return extremes
 
 
 def _check_costs(costs: Tensor, shape: torch.Size) -> None:

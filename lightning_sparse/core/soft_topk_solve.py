@@ -20,6 +20,7 @@ _SAMPLE_RTOL = 1e-4
 _MAX_EVALS = 200
 _CHUNK = 4096
 _EPS = 2.0**-52
+_CANCELLATION = 1e-2  # below this fraction of the kept mass, sum(m) - m.m is summed exactly instead
 RTOL = {torch.float32: 2e-7, torch.float64: 1e-12}
 
 
@@ -73,26 +74,43 @@ class _Budget:
         return -math.log1p((self.budget - kept) / (self.total - self.budget)) if self.mass > 0 else math.inf
 
     def inverse_slope(self) -> float:
-        """-1 / g'(t) = mass / (beta * sum(c m (1 - m))) at the last mask; NaN where g is flat or infinite."""
-        slope = torch.addcmul(self.mask, self.mask, self.mask, value=-1, out=self.tmp)
-        slope = sum64(slope if self.c is None else slope.mul_(self.c))
+        """-1 / g'(t) = mass / (beta * sum(c m (1 - m))) at the last mask; NaN where g is flat or infinite.
+
+        Below half density (unit costs) the slope is first taken as ``kept - m.m``: one read pass, no write. When
+        that difference is small against ``kept`` (sharp masks: float32 cancellation), it is summed exactly."""
+        slope = math.nan
+        if self.low and self.c is None:
+            slope = self.mass - torch.dot(self.mask, self.mask).item()
+        if not slope > _CANCELLATION * self.mass:
+            slope = torch.addcmul(self.mask, self.mask, self.mask, value=-1, out=self.tmp)
+            slope = sum64(slope if self.c is None else slope.mul_(self.c))
         return self.mass / (self.beta * slope) if self.mass > 0 and slope > 0 else math.nan
 
 
-def _bracket(u: Tensor, density: float, beta: float) -> tuple[float, float]:
-    """Thresholds where every m_i >= density (low) and every m_i <= density (high): the root lies between."""
-    low, high = (x.item() for x in torch.aminmax(u))
+def _bracket(
+    u: Tensor, density: float, beta: float, extremes: tuple[float, float] | None = None
+) -> tuple[float, float]:
+    """Thresholds where every m_i >= density (low) and every m_i <= density (high): the root lies between.
+    ``extremes`` is ``u``'s (min, max) when the caller has it already."""
+    low, high = extremes if extremes is not None else (x.item() for x in torch.aminmax(u))
     shift = math.log((1 - density) / density) / beta
     return low + shift, high + shift
 
 
 @torch.no_grad()
 def solve(
-    u: Tensor, c: Tensor | None, density: float, beta: float, rtol: float, guess: float | None = None
+    u: Tensor,
+    c: Tensor | None,
+    density: float,
+    beta: float,
+    rtol: float,
+    guess: float | None = None,
+    extremes: tuple[float, float] | None = None,
 ) -> tuple[float, Tensor]:
-    """Threshold t with sum(c * sigmoid(beta * (u - t))) = density * sum(c) to rtol, and its mask."""
+    """Threshold t with sum(c * sigmoid(beta * (u - t))) = density * sum(c) to rtol, and its mask.
+    ``extremes``: ``u``'s (min, max), when the caller has them (saves a pass)."""
     problem = _Budget(u, c, density, beta)
-    search = _Search(*_bracket(u, density, beta), resolution=torch.finfo(u.dtype).eps / beta)
+    search = _Search(*_bracket(u, density, beta, extremes), resolution=torch.finfo(u.dtype).eps / beta)
     start = _initial_guess(u, c, density, beta) if guess is None else float(guess)
     t = min(max(start, search.lo), search.hi)
     best = (math.inf, t)

@@ -9,6 +9,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from lightning_sparse.callbacks import SparsityScheduler, Spartan
+from lightning_sparse.core.patterns import Blocks, Unstructured
 from lightning_sparse.core.soft_mask import soft_topk_threshold
 from lightning_sparse.models import TinyViT
 from tests import harness
@@ -203,3 +204,19 @@ def test_block_sparse_vit_with_multihead_attention():
     plain.eval()
     with torch.no_grad():
         torch.testing.assert_close(plain(images[:8]), final.output, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pattern", [Unstructured(), Blocks(2, 2)])
+def test_pooled_magnitudes_equal_each_layers_group_magnitudes_in_order(pattern):
+    from lightning_sparse.callbacks.spartan_budget import _pooled_magnitudes
+    from lightning_sparse.core.soft_mask import group_magnitudes
+
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(4, 6, generator=generator), torch.randn(2, 2, generator=generator).bfloat16(),
+               torch.randn(6, 4, generator=generator)]
+    flat, sizes = _pooled_magnitudes(weights, pattern)
+    expected = [group_magnitudes(w, pattern) for w in weights]
+    assert sizes == [e.numel() for e in expected]
+    assert flat.dtype == torch.float32 and torch.equal(flat, torch.cat(expected))
+    single, _ = _pooled_magnitudes(weights[:1], pattern)
+    assert torch.equal(single, expected[0])

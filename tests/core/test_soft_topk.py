@@ -282,3 +282,26 @@ def test_threshold_from_a_guess_meets_the_same_budget(offset):
 def test_bad_guess_is_rejected(guess):
     with pytest.raises(ValueError, match=r"guess must be a finite number or None, got"):
         soft_topk_threshold(torch.rand(10), 0.5, 1.0, guess=guess)
+
+
+@pytest.mark.parametrize("sharpness", [1.0, 30.0, 1e4])
+def test_newton_slope_matches_the_exact_sum_of_m_times_one_minus_m(sharpness):
+    from lightning_sparse.core.soft_topk_solve import _Budget
+
+    u = torch.randn(100_000, generator=torch.Generator().manual_seed(0))
+    problem = _Budget(u, None, 0.1, sharpness)
+    problem.residual(float(torch.quantile(u, 0.9)))
+    m = problem.mask.double()
+    exact = problem.mass / (sharpness * float((m * (1 - m)).sum()))
+    assert problem.inverse_slope() == pytest.approx(exact, rel=1e-4)
+
+
+def test_threshold_reuses_the_checked_extremes_for_its_bracket(monkeypatch):
+    scores = torch.randn(5000, generator=torch.Generator().manual_seed(1))
+    calls = []
+    real = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    threshold = soft_topk_threshold(scores, 0.2, 5.0)
+    assert len(calls) == 1  # one pass for the finiteness check and the bracket together
+    kept = torch.sigmoid(5.0 * (scores.double() - threshold)).sum().item()
+    assert kept == pytest.approx(1000, rel=1e-6)
