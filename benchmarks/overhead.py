@@ -10,7 +10,11 @@ interleaved rounds in one process so machine noise hits all of them alike; each 
 The ratio is *amortized*: the time from the start of step ``--warmup`` to the end of the last step (every hook,
 mask update and epoch boundary in between) divided by the number of steps, so an update every 100 steps counts
 with its full cost (the default 205 steps leave a window of 200 steps). The median step is printed too: it shows
-the cost of an ordinary step without the updates.
+the cost of an ordinary step without the updates. ``hooks`` is the clock time spent inside the sparsity callbacks'
+own hooks per step (same window), and ``dense+hooks`` the dense step plus that time, over the dense step: for
+callbacks that leave the forward and backward alone (MagnitudePruning, RigL) it is their whole cost, free of the
+run-to-run noise that separate step times carry (+-5-10 % on a shared machine); Spartan, TopKAST and ModelPruning
+also cost time in the forward and backward, which only the end-to-end ratios show.
 
     python benchmarks/overhead.py --rounds 3                 # CPU time of the training thread
     python benchmarks/overhead.py --rounds 3 --model cnn     # the recipes' SmallCNN
