@@ -41,6 +41,7 @@ from torch import Tensor
 from lightning_sparse.core.masks import topk_flat
 from lightning_sparse.core.patterns import Blocks, Pattern
 from lightning_sparse.core.soft_topk import soft_topk_threshold
+from lightning_sparse.core.soft_topk_solve import sum64_tensor
 
 __all__ = ["group_magnitudes", "hard_topk", "soft_group_values", "soft_topk_threshold", "spartan_weight",
            "straight_through_mask", "threshold_node"]
@@ -111,7 +112,8 @@ def soft_group_values(
 ) -> Tensor:
     r"""Soft mask :math:`\sigma(\beta(u - t))` of ``weight``'s groups (flat, float32), ``u = mean |w| / cost``."""
     unit = group_magnitudes(weight, pattern)
-    return torch.sigmoid_(unit.mul_(sharpness / cost).sub_(threshold * sharpness))
+    offset = threshold * -sharpness if isinstance(threshold, Tensor) else torch.tensor(-threshold * sharpness)
+    return torch.add(offset.to(unit), unit, alpha=sharpness / cost, out=unit).sigmoid_()  # one pass for the logits
 
 
 class _SlopeCache(dict):
@@ -145,12 +147,12 @@ class _SpartanWeight(torch.autograd.Function):
         weight, values = ctx.saved_tensors
         pattern, beta, size = ctx.pattern, ctx.sharpness, _group_size(ctx.pattern)
         signed_slope, slope = _signed_slope_of(weight, values, pattern)
-        grad_values = pattern.group_scores((grad * weight).float()).mul_(size)  # dL/dm per group
-        grad_threshold = -beta * torch.dot(grad_values, slope) if ctx.needs_input_grad[1] else None
+        grad_values = pattern.group_scores((grad * weight).float())  # dL/dm per group, over the group size
+        grad_threshold = -beta * size * torch.dot(grad_values, slope) if ctx.needs_input_grad[1] else None
         if ctx.cache is not None:
-            ctx.cache.put(weight, signed_slope, slope.sum(dtype=torch.float64))
+            ctx.cache.put(weight, signed_slope, sum64_tensor(slope))
         grad_weight = grad * pattern.expand(values, weight.shape).to(grad.dtype)
-        per_weight = pattern.expand(grad_values.mul_(beta / (ctx.cost * size)), weight.shape)  # dL/d|w| over s
+        per_weight = pattern.expand(grad_values.mul_(beta / ctx.cost), weight.shape)  # dL/d|w| over s
         grad_weight.addcmul_(signed_slope, per_weight.to(grad.dtype))
         return grad_weight, grad_threshold, None, None, None, None
 
@@ -201,7 +203,7 @@ def _signed_slope(ctx, weight: Tensor, cost: float) -> tuple[Tensor, Tensor]:
         return cached
     values = soft_group_values(weight, ctx.pattern, ctx.threshold, ctx.sharpness, cost)
     signed, slope = _signed_slope_of(weight, values, ctx.pattern)
-    return signed, slope.sum(dtype=torch.float64)
+    return signed, sum64_tensor(slope)
 
 
 def threshold_node(

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["RTOL", "logits", "solve", "sum64"]
+__all__ = ["RTOL", "logits", "solve", "sum64", "sum64_tensor"]
 
 _DIRECT_MAX = 1 << 17  # up to this many entries the solve starts from the exact hard threshold
 _SAMPLE = 1 << 16  # above it, from the solution on a subsample of this size
@@ -26,11 +26,15 @@ RTOL = {torch.float32: 2e-7, torch.float64: 1e-12}
 
 def sum64(x: Tensor) -> float:
     """Sum of a flat tensor: float32 partial sums of short chunks, accumulated in float64 (no float64 copy)."""
+    return sum64_tensor(x).item()
+
+
+def sum64_tensor(x: Tensor) -> Tensor:
+    """:func:`sum64` as a 0-dim float64 tensor on ``x``'s device (no synchronization with it)."""
     if x.dtype == torch.float64:
-        return x.sum().item()
+        return x.sum()
     head = x.numel() - x.numel() % _CHUNK
-    partial = x[:head].view(-1, _CHUNK).sum(1).sum(dtype=torch.float64)
-    return (partial + x[head:].sum(dtype=torch.float64)).item()
+    return x[:head].view(-1, _CHUNK).sum(1).sum(dtype=torch.float64) + x[head:].sum(dtype=torch.float64)
 
 
 def logits(u: Tensor, t: float, beta: float, out: Tensor) -> Tensor:
