@@ -29,16 +29,20 @@ class Budget:
     value: Tensor | None = field(default=None, repr=False)  # the threshold as a float32 tensor on the weights' device
     node: Tensor | None = field(default=None, repr=False)  # the shared threshold node (graph; never pickled)
     kth: float | None = None  # the hard top-k's last kept value: a hint for the next selection (not state)
+    before: float | None = None  # the threshold one solve earlier (state: it shapes the next solve's start)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "node": None}
 
     def to_state(self) -> dict[str, Any]:
-        return {"names": list(self.names), "threshold": self.threshold, "sharpness": self.sharpness}
+        return {"names": list(self.names), "threshold": self.threshold, "sharpness": self.sharpness,
+                "before": self.before}
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> Budget:
-        return cls(tuple(state["names"]), float(state["threshold"]), float(state["sharpness"]))
+        before = state.get("before")  # absent in checkpoints written before it was kept
+        return cls(tuple(state["names"]), float(state["threshold"]), float(state["sharpness"]),
+                   before=None if before is None else float(before))
 
     def threshold_tensor(
         self, params: Mapping[str, Tensor], pattern: Pattern, costs: Mapping[str, float], graph: bool
@@ -72,12 +76,23 @@ def solve_budget(
     cost = None
     if any(costs[n] != 1.0 for n in names):
         cost = torch.cat([torch.full((k,), costs[n], device=flat.device) for n, k in zip(names, sizes, strict=True)])
-    guess = None if previous is None or not math.isfinite(previous.threshold) else previous.threshold
-    threshold = soft_topk_threshold(flat, density, sharpness, cost, guess)
+    threshold = soft_topk_threshold(flat, density, sharpness, cost, _guess(previous))
     hard, kth = _hard_topk(flat, density, cost, previous)
     chunks = torch.split(hard, sizes)
     masks = {n: pattern.expand(c, params[n].shape) for n, c in zip(names, chunks, strict=True)}
-    return Budget(tuple(names), threshold, sharpness, kth=kth), masks
+    before = None if previous is None else previous.threshold
+    return Budget(tuple(names), threshold, sharpness, kth=kth, before=before), masks
+
+
+def _guess(previous: Budget | None) -> float | None:
+    """Where the soft-threshold search starts: the last threshold moved on by the last step's change (the threshold
+    drifts steadily as the weights train: 2 passes over the data per solve instead of 3 after the density ramp).
+    Any start gives a threshold within the same tolerance; the start is checkpointed so a resumed run repeats it."""
+    if previous is None or not math.isfinite(previous.threshold):
+        return None
+    if previous.before is None or not math.isfinite(previous.before):
+        return previous.threshold
+    return 2 * previous.threshold - previous.before
 
 
 def _pooled_magnitudes(weights: Sequence[Tensor], pattern: Pattern) -> tuple[Tensor, list[int]]:

@@ -1,6 +1,7 @@
 """Spartan: schedules, exact budget at every step, gradients, frozen phase, FLOPs costs, export, argument errors."""
 
 import copy
+import math
 import pickle
 
 import lightning.pytorch as pl
@@ -220,3 +221,31 @@ def test_pooled_magnitudes_equal_each_layers_group_magnitudes_in_order(pattern):
     assert flat.dtype == torch.float32 and torch.equal(flat, torch.cat(expected))
     single, _ = _pooled_magnitudes(weights[:1], pattern)
     assert torch.equal(single, expected[0])
+
+
+def test_the_solve_starts_from_the_thresholds_linear_drift_and_keeps_it_in_the_state():
+    from lightning_sparse.callbacks.spartan_budget import Budget, _guess
+
+    assert _guess(None) is None
+    assert _guess(Budget(("w",), -math.inf, 1.0)) is None  # density 1: nothing to start from
+    assert _guess(Budget(("w",), 0.5, 1.0)) == 0.5
+    assert _guess(Budget(("w",), 0.5, 1.0, before=0.4)) == pytest.approx(0.6)
+    assert _guess(Budget(("w",), 0.5, 1.0, before=-math.inf)) == 0.5
+    budget = Budget(("a", "b"), 0.5, 3.0, before=0.4)
+    assert Budget.from_state(budget.to_state()) == budget
+    old = {"names": ["a", "b"], "threshold": 0.5, "sharpness": 3.0}  # a checkpoint from before the drift was kept
+    assert Budget.from_state(old).before is None
+
+
+def test_extrapolated_starts_give_thresholds_within_the_solver_tolerance():
+    from lightning_sparse.callbacks.spartan_budget import solve_budget
+
+    generator = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(300, 400, generator=generator)}
+    previous = None
+    for _ in range(4):
+        params["w"].add_(torch.randn(300, 400, generator=generator), alpha=1e-3)
+        previous, _ = solve_budget(params, ["w"], Unstructured(), {"w": 1.0}, 0.1, 20.0, previous)
+        kept = torch.sigmoid(20.0 * (params["w"].abs().double() - previous.threshold)).sum().item()
+        assert kept == pytest.approx(0.1 * 120_000, rel=1e-6)
+    assert previous.before is not None
