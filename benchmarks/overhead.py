@@ -208,6 +208,15 @@ def main() -> None:
     print(f"model {args.model}, torch {torch.__version__}, {args.clock} clock, {threads} thread(s), "
           f"{args.rounds} rounds x {args.steps} steps ({args.warmup} warm-up steps dropped per round)")
     print_table(names, *({n: statistics.median(v) for n, v in d.items()} for d in (amortized, steps, hooks)))
+    if "dense" in amortized and args.rounds > 1:
+        paired = {n: statistics.median(paired_ratios(amortized[n], amortized["dense"])) for n in names}
+        print("amortized ratio to the dense run of the same round, median over rounds (cancels slow drift): "
+              + ", ".join(f"{n} {r:.3f}" for n, r in paired.items() if n != "dense"))
+
+
+def paired_ratios(variant: list[float], dense: list[float]) -> list[float]:
+    """Per round, the variant's amortized step over the dense one measured just before it."""
+    return [v / d for v, d in zip(variant, dense, strict=True)]
 
 
 def print_table(names: list[str], amortized: dict[str, float], median: dict[str, float],

@@ -57,3 +57,8 @@ def test_recipe_gap_table_gives_gaps_in_points(capsys):
     recipe_gap.print_table([0, 1], {"dense": [0.92, 0.93], "recipe": [0.91, 0.915]})
     last = capsys.readouterr().out.splitlines()[-1]
     assert last == "| gap (points) | -1.00 | -1.50 | -1.25 |"
+
+
+def test_overhead_pairs_each_round_with_its_own_dense_run():
+    overhead = _load("overhead")
+    assert overhead.paired_ratios([0.0110, 0.0220], [0.0100, 0.0200]) == pytest.approx([1.1, 1.1])
