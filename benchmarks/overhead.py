@@ -14,7 +14,9 @@ the cost of an ordinary step without the updates. ``hooks`` is the clock time sp
 own hooks per step (same window), and ``dense+hooks`` the dense step plus that time, over the dense step: for
 callbacks that leave the forward and backward alone (MagnitudePruning, RigL) it is their whole cost, free of the
 run-to-run noise that separate step times carry (+-5-10 % on a shared machine); Spartan, TopKAST and ModelPruning
-also cost time in the forward and backward, which only the end-to-end ratios show.
+also cost time in the forward and backward, which only the end-to-end ratios show. The last line pairs each round's
+variant with the dense run just before it and gives the median of those ratios (it cancels drift slower than a
+round).
 
     python benchmarks/overhead.py --rounds 3                 # CPU time of the training thread
     python benchmarks/overhead.py --rounds 3 --model cnn     # the recipes' SmallCNN
