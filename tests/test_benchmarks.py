@@ -30,6 +30,14 @@ def test_overhead_variants_train_and_time_every_step(model, variant):
     assert hook_time < timer.amortized(warmup=2)
 
 
+@pytest.mark.parametrize("variant", ["MagnitudePruning", "TopKAST", "Lightning ModelPruning"])
+def test_overhead_times_the_hooks_of_every_other_variant(variant):
+    overhead = _load("overhead")
+    timer, hooks = overhead.run_variant(overhead.VARIANTS[variant], "mlp", steps=6, epochs=2, clock=time.perf_counter)
+    assert len(timer.ends) == 6
+    assert 0 < hooks.per_step(timer, warmup=2) < timer.amortized(warmup=2)
+
+
 def test_overhead_table_prints_ratios_to_dense(capsys):
     overhead = _load("overhead")
     overhead.print_table(["dense", "RigL"], {"dense": 0.010, "RigL": 0.0105}, {"dense": 0.010, "RigL": 0.011},
