@@ -87,10 +87,8 @@ class StepTimer(Callback):
 
 
 class HookTimer:
-    """Clock time spent inside the hooks of the given callbacks, per call: the sparsity work itself, apart from the
-    forward and backward. For callbacks that leave the forward alone (MagnitudePruning, RigL) this is their whole
-    cost, measured without the run-to-run noise of two separate step times; callbacks with a masked forward
-    (Spartan, TopKAST, ModelPruning) also cost time outside their hooks."""
+    """Clock time spent inside the hooks of the given callbacks, per outermost call (the ``hooks`` column of the
+    module docstring)."""
 
     HOOKS = tuple(name for name in dir(Callback) if name.startswith("on_"))
 

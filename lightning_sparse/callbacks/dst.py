@@ -277,11 +277,11 @@ class DynamicSparseTraining(SparsityCallback):
         groups = {name: self.pattern.compress(mask) for name, mask in self.masks.masks.items()}
         drops = {name: round(fraction * count_true(g)) for name, g in groups.items()}
         grows = self._redistribute(groups, drops) if self.redistribution else drops
+        fresh = isinstance(self.grow, str) and self.grow in GROW_CRITERIA  # built-in scores are new tensors
         masks = {}
         for name, group_mask in groups.items():
             kept = self._kept_after_drop(name, group_mask, drops[name], optimizers)
             grow_scores = self.pattern.group_scores(self._scores(self.grow, name, optimizers))
-            fresh = isinstance(self.grow, str) and self.grow in GROW_CRITERIA  # built-in scores are new tensors
             grown = grow_around(grow_scores, kept, grows[name], overwrite=fresh).reshape(group_mask.shape)
             masks[name] = self.pattern.expand(grown, tuple(self.masks.params[name].shape))
         return masks

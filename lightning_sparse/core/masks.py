@@ -81,7 +81,7 @@ def topk_threshold(flat: Tensor, k: int, bracket: tuple[float, float] | None = N
     if count_true(mask) != k:  # ties at the k-th value: the lowest indices among them are kept
         _compare(values, "gt", kth, mask)
         missing = k - count_true(mask)
-        mask[torch.nonzero(values == kth).squeeze(1)[:missing]] = True
+        mask[flat_nonzero(values == kth)[:missing]] = True
     return mask, kth
 
 
@@ -191,7 +191,7 @@ def keep_highest_among(scores: Tensor, candidates: Tensor, k: int) -> Tensor:
         raise ValueError(f"k must be in [0, {candidates.numel()}] (the candidate count), got {k}")
     values = scores.reshape(-1).to(candidates.device)[candidates]
     _check_finite(values)
-    return candidates[flat_nonzero(topk_flat(values if values.is_floating_point() else values.float(), k))]
+    return candidates[flat_nonzero(topk_flat(values, k))]
 
 
 def grow_around(scores: Tensor, taken: Tensor, n: int, overwrite: bool = False) -> Tensor:
@@ -210,8 +210,8 @@ def grow_around(scores: Tensor, taken: Tensor, n: int, overwrite: bool = False) 
         raise ValueError(f"n must be in [0, {free}] (the inactive count), got {n}")
     _check_finite(scores)
     flat = scores.reshape(-1).to(taken.device)
-    owned = overwrite or flat.dtype not in (torch.float32, torch.float64)  # .float() of other dtypes copies
-    values = flat.float() if owned else flat.clone()
+    dtype = flat.dtype if flat.dtype in (torch.float32, torch.float64) else torch.float32
+    values = flat.to(dtype, copy=not overwrite)  # other dtypes are converted (a copy) either way
     values[taken] = -math.inf
     chosen = topk_flat(values, n)
     chosen[taken] = True

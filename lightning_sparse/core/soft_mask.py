@@ -112,8 +112,11 @@ def soft_group_values(
 ) -> Tensor:
     r"""Soft mask :math:`\sigma(\beta(u - t))` of ``weight``'s groups (flat, float32), ``u = mean |w| / cost``."""
     unit = group_magnitudes(weight, pattern)
-    offset = threshold * -sharpness if isinstance(threshold, Tensor) else torch.tensor(-threshold * sharpness)
-    return torch.add(offset.to(unit), unit, alpha=sharpness / cost, out=unit).sigmoid_()  # one pass for the logits
+    if isinstance(threshold, Tensor):
+        offset = (threshold * -sharpness).to(unit)
+    else:
+        offset = torch.full((), -threshold * sharpness, dtype=unit.dtype, device=unit.device)
+    return torch.add(offset, unit, alpha=sharpness / cost, out=unit).sigmoid_()  # one pass for the logits
 
 
 class _SlopeCache(dict):

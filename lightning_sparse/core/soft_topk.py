@@ -139,7 +139,7 @@ def _check_args(
         raise ValueError(f"sharpness must be a finite number > 0, got {sharpness}")
     extremes = None
     if scores.numel():
-        extremes = tuple(x.item() for x in torch.aminmax(scores.detach()))  # NaN propagates to the extremes
+        extremes = tuple(torch.stack(torch.aminmax(scores.detach())).tolist())  # NaN propagates to the extremes
         if not all(map(math.isfinite, extremes)):
             raise ValueError("scores must be finite, got NaN or inf entries")
     if costs is not None:

@@ -239,3 +239,9 @@ def test_flat_nonzero_gives_ascending_flat_indices_of_any_layout(backend):
     assert torch.equal(flat_nonzero(mask), torch.nonzero(mask.reshape(-1)).squeeze(1))
     assert flat_nonzero(mask).dtype == torch.int64
     assert flat_nonzero(torch.zeros(3, dtype=torch.bool)).numel() == 0
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_grow_around_keeps_float64_scores_apart_that_float32_would_tie(overwrite):
+    scores = torch.tensor([0.0, 1.0, 1.0 + 1e-12], dtype=torch.float64)  # equal once rounded to float32
+    assert grow_around(scores, torch.tensor([0]), 1, overwrite=overwrite).tolist() == [True, False, True]
