@@ -1,13 +1,11 @@
 """Captured layer inputs reproduce each layer's output when multiplied by its weight."""
 
-import doctest
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_sparse import layer_inputs
 from lightning_sparse.layer_inputs import capture_inputs, collect_hessians, forward_order, input_kinds
 from lightning_sparse.models.transformer import TransformerBlock
 
@@ -90,6 +88,3 @@ def test_hessians_and_forward_order():
     torch.testing.assert_close(hessians["0.weight"], 2 * x.T @ x / 12)
     assert forward_order(model, ["2.weight", "0.weight"], batches[0], lambda m, b: m(b)) == ["0.weight", "2.weight"]
 
-
-def test_doctests():
-    assert doctest.testmod(layer_inputs, raise_on_error=True).attempted > 0

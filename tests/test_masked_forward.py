@@ -1,7 +1,6 @@
 """MaskedForward: the forward uses fn(param) on Linear, Conv1d/2d and MultiheadAttention; parameters stay plain."""
 
 import copy
-import doctest
 import pickle
 from functools import partial
 
@@ -10,7 +9,6 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-import lightning_sparse.masked_forward as masked_forward_module
 from lightning_sparse.masked_forward import MaskedForward
 
 
@@ -122,6 +120,3 @@ def test_deepcopy_pickle_exceptions_and_errors():
     with pytest.raises(ValueError, match=r"\['head.weight'\] are not parameters of the model"):
         MaskedForward(model, {"head.weight": lambda w: w})
 
-
-def test_doctests():
-    assert doctest.testmod(masked_forward_module, raise_on_error=True).attempted > 0

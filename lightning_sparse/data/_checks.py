@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
+from lightning_sparse._checks import check_positive_int
 
-def check_positive_int(name: str, value: int) -> None:
-    """Raises ``ValueError`` unless ``value`` is an integer >= 1.
-
-    Raises:
-        ValueError: naming the argument and its value.
-    """
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+__all__ = ["check_fractions", "check_positive_int"]
 
 
 def check_fractions(val_fraction: float, test_fraction: float) -> None:

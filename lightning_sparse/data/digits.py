@@ -36,7 +36,7 @@ class DigitsDataModule(L.LightningDataModule):
 
     def __init__(self, batch_size: int = 64, val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int = 0):
         super().__init__()
-        check_positive_int("batch_size", batch_size)
+        check_positive_int(batch_size=batch_size)
         check_fractions(val_fraction, test_fraction)
         self.batch_size = batch_size
         self.val_fraction = val_fraction

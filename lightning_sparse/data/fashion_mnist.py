@@ -61,10 +61,9 @@ class FashionMNISTDataModule(L.LightningDataModule):
         limit_train: int | None = None,
     ) -> None:
         super().__init__()
-        check_positive_int("batch_size", batch_size)
-        check_positive_int("val_size", val_size)
+        check_positive_int(batch_size=batch_size, val_size=val_size)
         if limit_train is not None:
-            check_positive_int("limit_train", limit_train)
+            check_positive_int(limit_train=limit_train)
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.data_dir = Path(os.path.expanduser(data_dir))

@@ -100,8 +100,7 @@ class PythonSourceDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        for name, value in (("block_size", block_size), ("batch_size", batch_size), ("max_chars", max_chars)):
-            check_positive_int(name, value)
+        check_positive_int(block_size=block_size, batch_size=batch_size, max_chars=max_chars)
         check_fractions(val_fraction, test_fraction)
         self.block_size = block_size
         self.batch_size = batch_size

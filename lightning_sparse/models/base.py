@@ -10,23 +10,10 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_sparse._checks import check_positive_int
+
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = (None, "cosine")
-
-
-def check_positive_int(**values: int) -> None:
-    """Raises ``ValueError`` naming the first argument that is not an integer >= 1.
-
-    Raises:
-        ValueError: ``"<name> must be a positive integer, got <value>"``.
-
-    Example::
-
-        check_positive_int(width=32, depth=2)
-    """
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def check_optimizer_args(optimizer: str, lr: float, weight_decay: float, scheduler: str | None) -> None:

@@ -1,19 +1,12 @@
 """The criterion registry, SET's sign-split drop and SNFS redistribution (lightning_sparse.core.criteria)."""
 
-import doctest
 
 import pytest
 import torch
 
-import lightning_sparse.core.criteria as criteria_module
 from lightning_sparse.callbacks import DynamicSparseTraining, register_criterion
 from lightning_sparse.core.criteria import check_criterion, check_scores, drop_by_sign, redistribute
 from tests import harness
-
-
-def test_doctests():
-    assert doctest.testmod(criteria_module, raise_on_error=True).attempted > 0
-
 
 VALUES = torch.tensor([-5.0, -4.0, -3.0, -2.0, -1.0, 1.0, 2.0, 3.0, 4.0, 5.0])
 

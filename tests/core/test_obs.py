@@ -1,12 +1,10 @@
 """OBS pruning (SparseGPT's per-layer solver): exact budgets, written-back updates, lower error than magnitude."""
 
-import doctest
 import itertools
 
 import pytest
 import torch
 
-from lightning_sparse.core import obs
 from lightning_sparse.core.masks import topk_mask
 from lightning_sparse.core.obs import hessian_from_inputs, inverse_hessian_factor, obs_prune, reconstruction_error
 from lightning_sparse.core.patterns import NM
@@ -166,6 +164,3 @@ def test_bad_hessians():
     with pytest.raises(ValueError, match="Hessian of fc holds NaN"):
         obs_prune(torch.randn(4, 8), torch.full((8, 8), float("nan")), density=0.5, name="fc")
 
-
-def test_doctests():
-    assert doctest.testmod(obs, raise_on_error=True).attempted > 0

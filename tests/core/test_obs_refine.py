@@ -1,6 +1,5 @@
 """Least-squares refit and exact N:M re-selection: optimal weights, exact local moves, never a worse error."""
 
-import doctest
 import itertools
 
 import pytest
@@ -95,6 +94,3 @@ def test_row_chunks_give_the_same_answer(monkeypatch):
     assert torch.equal(reselect_nm(w, h, mask, NM(2, 4)), whole_mask)
     torch.testing.assert_close(refit_kept(w, h, mask), whole_w)
 
-
-def test_doctests():
-    assert doctest.testmod(obs_refine, raise_on_error=True).attempted > 0

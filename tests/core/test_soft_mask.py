@@ -1,11 +1,9 @@
 """Per-layer soft masks from a shared threshold node reproduce soft_topk's values and implicit gradient."""
 
-import doctest
 
 import pytest
 import torch
 
-import lightning_sparse.core.soft_mask as soft_mask_module
 from lightning_sparse.core.patterns import Blocks, Unstructured
 from lightning_sparse.core.soft_mask import (
     group_magnitudes,
@@ -16,10 +14,6 @@ from lightning_sparse.core.soft_mask import (
     threshold_node,
 )
 from lightning_sparse.core.soft_topk import soft_topk
-
-
-def test_doctests():
-    assert doctest.testmod(soft_mask_module, raise_on_error=True).attempted > 0
 
 
 @pytest.mark.parametrize("pattern", [Unstructured(), Blocks(2, 2)], ids=str)

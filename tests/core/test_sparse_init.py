@@ -1,14 +1,8 @@
-import doctest
 
 import pytest
 import torch
 
-import lightning_sparse.core.sparse_init as sparse_init_module
 from lightning_sparse.core.sparse_init import scale_to_active_fan_in_
-
-
-def test_doctests():
-    assert doctest.testmod(sparse_init_module, raise_on_error=True).attempted > 0
 
 
 def test_conv_units_get_their_output_variance_back():

@@ -1,4 +1,3 @@
-import doctest
 import pickle
 
 import pytest
@@ -7,7 +6,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_sparse.nn import SparseConv2d
-from lightning_sparse.nn import sparse_conv as sparse_conv_module
 from lightning_sparse.nn.sparse_conv import conv_unfit_reason, slow_conv_reason, used_input_channels
 
 
@@ -124,6 +122,3 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="blocksize must be a positive int"):
         SparseConv2d(4, 4, 3, blocksize=0)
 
-
-def test_doctests():
-    assert doctest.testmod(sparse_conv_module, raise_on_error=True).attempted > 0
