@@ -276,6 +276,8 @@ def test_scale_init_scales_each_unit_to_its_active_fan_in(scale_init):
         ({"drop": 3}, TypeError, "drop must be a criterion name or a callable, got int: 3"),
         ({"drop_fraction": 1.0}, ValueError, r"drop_fraction must be in \[0.0, 1.0\), got 1.0"),
         ({"drop_fraction": -0.1}, ValueError, r"drop_fraction must be in \[0.0, 1.0\), got -0.1"),
+        ({"drop_fraction": "0.3"}, TypeError, "drop_fraction must be a float, got str: '0.3'"),
+        ({"stop_at": True}, TypeError, "stop_at must be a float, got bool: True"),
         ({"update_every": 0}, ValueError, "update_every must be >= 1, got 0"),
         ({"stop_at": 0.0}, ValueError, r"stop_at must be in \(0.0, 1.0\], got 0.0"),
         ({"stop_at": 1.5}, ValueError, r"stop_at must be in \(0.0, 1.0\], got 1.5"),

@@ -1,6 +1,8 @@
 """Supermask: straight-through score gradients, exact tile budgets, score state across checkpoints, attention
 ``out_proj``, export without scores, argument errors."""
 
+import re
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -178,3 +180,24 @@ def test_scores_outside_the_optimizer_are_rejected():
     with pytest.raises(ValueError, match="no optimizer updates the tile scores"):
         torch.manual_seed(0)
         _fit([Supermask(density=0.5, tile_size=4)], model=NoScoreOptimizer())
+
+
+class NetWithAScoreAttribute(harness.HarnessNet):
+    def __init__(self):
+        super().__init__()
+        self.head.weight_supermask_scores = nn.Parameter(torch.zeros(1))
+
+
+def test_a_model_attribute_in_the_scores_place_is_not_overwritten():
+    with pytest.raises(ValueError, match="Supermask: head already has an attribute 'weight_supermask_scores'"):
+        _fit([Supermask(density=0.5, tile_size=4)], model=NetWithAScoreAttribute())
+
+
+def test_a_checkpoint_with_other_scores_is_refused():
+    supermask = Supermask(density=0.5, tile_size=4, bake_at_end=False)
+    _fit([supermask], max_epochs=1)
+    names = sorted(supermask.scores)
+    stored = {"scores": {"body.0.weight": supermask.scores["body.0.weight"].detach().clone()}}
+    expected = rf"holds Supermask scores for \['body.0.weight'\], not {re.escape(str(names))}"
+    with pytest.raises(ValueError, match=expected):
+        supermask.load_extra_state_dict(stored)
