@@ -2,10 +2,13 @@
 in the middle of a long benchmark run. Timings are not asserted (they belong in docs/BENCHMARKS.md)."""
 
 import importlib.util
+import itertools
 import pathlib
 import time
 
+import numpy as np
 import pytest
+import torch
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -70,3 +73,50 @@ def test_recipe_gap_table_gives_gaps_in_points(capsys):
 def test_overhead_pairs_each_round_with_its_own_dense_run():
     overhead = _load("overhead")
     assert overhead.paired_ratios([0.0110, 0.0220], [0.0100, 0.0200]) == pytest.approx([1.1, 1.1])
+
+
+def _least_squares_problem(seed: int, cols: int = 16):
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(200, cols, generator=generator, dtype=torch.float64) @ torch.randn(
+        cols, cols, generator=generator, dtype=torch.float64
+    )
+    return torch.randn(cols, generator=generator, dtype=torch.float64).numpy(), (inputs.T @ inputs / 200).numpy()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_mask_search_finds_the_best_2to4_mask_of_a_small_row(seed):
+    search = _load("sparsegpt_mask_search")
+    w, hessian = _least_squares_problem(seed, cols=8)  # 2 groups: 36 masks, all checked by brute force
+    best = min(search.best_fit(w, hessian, search.support(list(p)))[0] for p in itertools.product(range(6), repeat=2))
+    start = search.magnitude_patterns(w)
+    descended, error = search.coordinate_descent(w, hessian, start)
+    annealed = search.anneal(w, hessian, descended, error, steps=200, rng=np.random.default_rng(seed))
+    annealed_error = search.best_fit(w, hessian, search.support(annealed))[0]
+    assert search.best_fit(w, hessian, search.support(start))[0] >= error >= annealed_error
+    assert annealed_error == pytest.approx(best, rel=1e-9)
+
+
+def test_mask_search_keeps_2_of_every_4_and_fits_them_by_least_squares():
+    search = _load("sparsegpt_mask_search")
+    w, hessian = _least_squares_problem(0)
+    patterns, error = search.coordinate_descent(w, hessian, search.magnitude_patterns(w))
+    kept = search.support(patterns)
+    assert (np.bincount(kept // 4, minlength=4) == 2).all()
+    fitted_error, fitted = search.best_fit(w, hessian, kept)
+    gradient = hessian @ (w - fitted)
+    np.testing.assert_allclose(gradient[kept], 0, atol=1e-9)  # optimal on the kept weights
+    assert fitted_error == pytest.approx((w - fitted) @ hessian @ (w - fitted), rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_unstructured_search_ends_where_no_single_swap_helps(seed):
+    search = _load("sparsegpt_mask_search")
+    w, hessian = _least_squares_problem(seed, cols=12)
+    half = search.unstructured_half(w, hessian)
+    kept, dropped = np.flatnonzero(half), np.flatnonzero(half == 0)
+    assert len(kept) == 6
+    error, fitted = search.best_fit(w, hessian, kept)
+    np.testing.assert_allclose(half, fitted, atol=1e-9)
+    for out, into in itertools.product(kept, dropped):
+        swapped = np.sort(np.append(kept[kept != out], into))
+        assert search.best_fit(w, hessian, swapped)[0] >= error * (1 - 1e-9)
