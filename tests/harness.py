@@ -207,7 +207,8 @@ def check_yaml(case: AlgorithmCase) -> None:
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--callbacks", type=list[Callback])
     config = parser.parse_string(yaml.safe_dump({"callbacks": case.yaml_config}))
-    built = parser.instantiate_classes(config).callbacks
+    instantiate = getattr(parser, "instantiate", parser.instantiate_classes)  # renamed in jsonargparse 4.49
+    built = instantiate(config).callbacks
     expected = case.make_callbacks()
     assert [type(cb) for cb in built] == [type(cb) for cb in expected]
     assert [getattr(cb, "state_key", None) for cb in built] == [getattr(cb, "state_key", None) for cb in expected]
