@@ -1,6 +1,8 @@
 """The ``lightning-sparse`` command: LightningCLI with the bundled models, datamodules and every callback.
 
-Example::
+Example:
+
+.. code-block:: bash
 
     lightning-sparse fit --config configs/gmp.yaml
     lightning-sparse fit --config configs/gmp.yaml --trainer.max_epochs=2 --print_config

@@ -135,8 +135,17 @@ def sparsegpt_(
 
     Example::
 
-        masks = sparsegpt_(model, [x for x, _ in itertools.islice(loader, 32)], nm="2:4")
-        masks = sparsegpt_(model, batches, nm="2:4", refit=True, reselect=2)  # slower, lower error
+        import itertools
+        from lightning_sparse import sparsegpt_
+        from lightning_sparse.data import PythonSourceDataModule
+        from lightning_sparse.models import CharGPT
+
+        data = PythonSourceDataModule(block_size=128)
+        data.setup()
+        model = CharGPT(block_size=128)  # a trained one, in practice
+        batches = [x for x, _ in itertools.islice(data.train_dataloader(), 32)]
+        masks = sparsegpt_(model, batches, nm="2:4")
+        # slower, lower error: sparsegpt_(model, batches, nm="2:4", refit=True, reselect=2)
     """
     prune = _pruner(density, nm, block_size, damp, nm_selection, refit, reselect)
     pattern = prune.keywords["nm"]

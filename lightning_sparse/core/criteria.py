@@ -87,6 +87,9 @@ def register_criterion(name: str, fn: CriterionFn) -> None:
 
     Example::
 
+        from lightning_sparse.callbacks import DynamicSparseTraining
+        from lightning_sparse.core.criteria import register_criterion
+
         register_criterion("taylor", lambda w, g, state: (w * g) ** 2)
         DynamicSparseTraining(drop="taylor", density=0.1)  # or drop: taylor in YAML
     """

@@ -27,6 +27,10 @@ class DigitsDataModule(L.LightningDataModule):
 
     Example::
 
+        from lightning.pytorch import Trainer
+        from lightning_sparse.data import DigitsDataModule
+        from lightning_sparse.models import MLP
+
         trainer = Trainer(max_epochs=5)
         trainer.fit(MLP(input_shape=(1, 8, 8), hidden=(128,)), datamodule=DigitsDataModule())
     """

@@ -43,6 +43,10 @@ class FashionMNISTDataModule(L.LightningDataModule):
 
     Example::
 
+        from lightning.pytorch import Trainer
+        from lightning_sparse.data import FashionMNISTDataModule
+        from lightning_sparse.models import SmallCNN
+
         dm = FashionMNISTDataModule(batch_size=128)
         trainer = Trainer(max_epochs=3)
         trainer.fit(SmallCNN(), datamodule=dm)

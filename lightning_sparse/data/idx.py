@@ -64,6 +64,8 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
     Example::
 
+        from lightning_sparse.data.idx import read_idx
+
         images = read_idx("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")  # (10000, 28, 28) uint8
     """
     path = Path(path)

@@ -47,6 +47,8 @@ def stdlib_source(max_chars: int) -> bytes:
 
     Example::
 
+        from lightning_sparse.data.python_source import stdlib_source
+
         text = stdlib_source(10_000).decode("utf-8", errors="replace")
     """
     folder = Path(sysconfig.get_paths()["stdlib"])
@@ -83,6 +85,10 @@ class PythonSourceDataModule(L.LightningDataModule):
             fractions are out of range, or (in ``setup``) a split is shorter than ``block_size + 1``.
 
     Example::
+
+        from lightning.pytorch import Trainer
+        from lightning_sparse.data import PythonSourceDataModule
+        from lightning_sparse.models import CharGPT
 
         dm = PythonSourceDataModule(block_size=128)
         Trainer(max_steps=2000).fit(CharGPT(block_size=128), datamodule=dm)

@@ -2,12 +2,17 @@
 
 Example::
 
+    import torch
     from lightning_sparse.export import export_sparse, load_sparse
+    from lightning_sparse.models import MLP
 
-    manifest = export_sparse(model, "export/", pattern="32x32", example_input=batch)
-    sparse_model = load_sparse("export/", build_model())
+    model = MLP(hidden=(256,))  # trained with 16x16 block masks, in practice
+    manifest = export_sparse(model, "export/", pattern="16x16", example_input=torch.randn(4, 1, 28, 28))
+    sparse_model = load_sparse("export/", MLP(hidden=(256,)))
 
-From the command line (any algorithm's checkpoint)::
+From the command line (any algorithm's checkpoint):
+
+.. code-block:: bash
 
     python -m lightning_sparse.export --config configs/gmp.yaml --ckpt_path last.ckpt --out export/ --pattern 32x32
 """

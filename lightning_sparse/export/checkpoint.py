@@ -1,6 +1,8 @@
 """Export any algorithm's Lightning checkpoint: ``export_checkpoint`` and the ``python -m lightning_sparse.export`` CLI.
 
-Example::
+Example:
+
+.. code-block:: bash
 
     python -m lightning_sparse.export --config configs/gmp.yaml --ckpt_path runs/gmp/last.ckpt \\
         --out runs/gmp/export --pattern 32x32

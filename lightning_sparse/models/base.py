@@ -52,6 +52,8 @@ def build_optimizer(
 
     Example::
 
+        from lightning_sparse.models.base import build_optimizer
+
         def configure_optimizers(self):
             return build_optimizer(self, "sgd", lr=0.1, weight_decay=5e-4, momentum=0.9, scheduler="cosine")
     """
@@ -89,6 +91,9 @@ class ClassifierModule(L.LightningModule):
         ValueError: if ``num_classes`` is not a positive integer or an optimizer argument is invalid.
 
     Example::
+
+        from torch import nn
+        from lightning_sparse.models.base import ClassifierModule
 
         class Linear(ClassifierModule):
             def __init__(self, lr: float = 1e-2):

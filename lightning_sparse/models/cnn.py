@@ -30,6 +30,10 @@ class SmallCNN(ClassifierModule):
 
     Example::
 
+        from lightning.pytorch import Trainer
+        from lightning_sparse.data import FashionMNISTDataModule
+        from lightning_sparse.models import SmallCNN
+
         trainer = Trainer(max_epochs=5)
         trainer.fit(SmallCNN(), datamodule=FashionMNISTDataModule())
     """

@@ -47,6 +47,10 @@ class CharGPT(L.LightningModule):
 
     Example::
 
+        from lightning.pytorch import Trainer
+        from lightning_sparse.data import PythonSourceDataModule
+        from lightning_sparse.models import CharGPT
+
         trainer = Trainer(max_steps=2000)
         trainer.fit(CharGPT(block_size=128), datamodule=PythonSourceDataModule(block_size=128))
     """
@@ -123,6 +127,10 @@ class CharGPT(L.LightningModule):
 
         Example::
 
+            import torch
+            from lightning_sparse.models import CharGPT
+
+            model = CharGPT(block_size=64)  # a trained one, in practice
             ids = torch.tensor([list(b"def ")])
             bytes(model.generate(ids, 40)[0].tolist()).decode(errors="replace")
         """

@@ -30,6 +30,10 @@ class MLP(ClassifierModule):
 
     Example::
 
+        from lightning.pytorch import Trainer
+        from lightning_sparse.data import FashionMNISTDataModule
+        from lightning_sparse.models import MLP
+
         trainer = Trainer(max_epochs=3)
         trainer.fit(MLP(hidden=(300, 100)), datamodule=FashionMNISTDataModule())
     """

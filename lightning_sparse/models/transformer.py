@@ -25,6 +25,9 @@ class TransformerBlock(nn.Module):
 
     Example::
 
+        import torch
+        from lightning_sparse.models.transformer import TransformerBlock
+
         block = TransformerBlock(dim=64, heads=4)
         y = block(torch.randn(2, 16, 64))  # (2, 16, 64)
     """

@@ -36,6 +36,10 @@ class TinyViT(ClassifierModule):
 
     Example::
 
+        from lightning.pytorch import Trainer
+        from lightning_sparse.data import FashionMNISTDataModule
+        from lightning_sparse.models import TinyViT
+
         trainer = Trainer(max_epochs=5)
         trainer.fit(TinyViT(patch_size=7), datamodule=FashionMNISTDataModule())
     """
