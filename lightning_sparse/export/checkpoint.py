@@ -23,22 +23,21 @@ from rich.console import Console
 
 from lightning_sparse.export.manifest import Manifest
 from lightning_sparse.export.sparse_io import export_sparse
+from lightning_sparse.recipes import resolve_config
 
 
 def _from_config(config: str | Path, ckpt_path: str | Path) -> tuple[LightningModule, LightningDataModule | None]:
     from lightning_sparse.cli import SparseCLI  # imports every callback, including the ones that import this module
 
-    with warnings.catch_warnings():  # called from a command line of its own: LightningCLI warns about sys.argv
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = SparseCLI(
-            LightningModule,
-            LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            seed_everything_default=0,
-            run=False,
-            args=["--config", str(config), "--trainer.logger=false"],
-        )
+    cli = SparseCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        run=False,
+        args=["--config", str(config), "--trainer.logger=false"],
+    )
     state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
     cli.model.load_state_dict(state, strict=True)
     return cli.model, cli.datamodule
@@ -113,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> Manifest:
     description = "Export a Lightning checkpoint of any sparsity algorithm to BSR / 2:4 / dense safetensors files."
     parser = argparse.ArgumentParser(prog="python -m lightning_sparse.export", description=description)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", help="the run's YAML config (model and data)")
+    source.add_argument("--config", help="the run's YAML config (model and data), or a bundled recipe's name")
     source.add_argument("--model", help="LightningModule class path, e.g. lightning_sparse.models.SmallCNN")
     parser.add_argument("--ckpt_path", required=True, help="Lightning checkpoint to export")
     parser.add_argument("--out", required=True, help="export directory")
@@ -121,9 +120,11 @@ def main(argv: Sequence[str] | None = None) -> Manifest:
     parser.add_argument("--include", nargs="*", default=None, help="FQN globs of the Linear / Conv2d layers to convert")
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip the output check")
     args = parser.parse_args(argv)
-    manifest = export_checkpoint(
-        args.ckpt_path, args.config or args.model, args.out, args.pattern, args.include, args.verify
-    )
+    try:
+        source = resolve_config(args.config) if args.config else args.model
+    except ValueError as err:
+        parser.error(str(err))
+    manifest = export_checkpoint(args.ckpt_path, source, args.out, args.pattern, args.include, args.verify)
     error = (manifest.verification or {}).get("max_abs_error")
     checked = "unverified" if error is None else f"verified, max abs error {error:.3g}"
     text = f"exported to {args.out} ({checked})\n{manifest.summary()}"
