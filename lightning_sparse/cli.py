@@ -50,7 +50,7 @@ class SparseCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> SparseCLI:
-    """Entry point of the ``lightning-sparse`` console script (and of ``python cli.py``)."""
+    """Runs the CLI on ``args`` (default: the command line) and returns it (``python cli.py``, tests)."""
     return SparseCLI(
         LightningModule,
         LightningDataModule,
@@ -60,6 +60,12 @@ def main(args: list[str] | None = None) -> SparseCLI:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+def console_main() -> None:
+    """The ``lightning-sparse`` console script. Returns None: pip's wrapper calls ``sys.exit(console_main())``, and a
+    returned object would be printed and turn a successful run into exit status 1."""
+    main()
 
 
 if __name__ == "__main__":

@@ -130,3 +130,8 @@ def main(argv: Sequence[str] | None = None) -> Manifest:
     text = f"exported to {args.out} ({checked})\n{manifest.summary()}"
     Console(soft_wrap=True).print(text, markup=False, highlight=False)
     return manifest
+
+
+def console_main() -> None:
+    """The ``lightning-sparse-export`` console script (returns None, so a successful export exits with status 0)."""
+    main()
