@@ -61,3 +61,10 @@ def test_a_successful_export_exits_with_status_0(tmp_path):
 def test_a_bad_argument_exits_with_status_2(name, tmp_path):
     result = _run(name, *(["fit"] if name == "lightning-sparse" else []), "--config", "no_such_recipe", cwd=tmp_path)
     assert result.returncode == 2
+
+
+def test_python_dash_m_runs_the_cli(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "lightning_sparse", "fit", "--config", "gmp", "--print_config"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "lightning_sparse.callbacks.MagnitudePruning" in result.stdout
