@@ -5,13 +5,7 @@ import subprocess
 import sys
 from importlib.metadata import entry_points
 
-import lightning.pytorch as pl
 import pytest
-import torch
-
-from lightning_sparse.callbacks import MagnitudePruning
-from lightning_sparse.data import DigitsDataModule
-from lightning_sparse.models import MLP
 
 SCRIPTS = {ep.name: ep.value for ep in entry_points(group="console_scripts") if ep.name.startswith("lightning-sparse")}
 RUN_LIKE_PIP = (
@@ -40,18 +34,9 @@ def test_a_successful_fit_exits_with_status_0(tmp_path):
     assert "object at 0x" not in result.stdout + result.stderr
 
 
-def test_a_successful_export_exits_with_status_0(tmp_path):
-    torch.manual_seed(0)
-    model = MLP(input_shape=(1, 8, 8), hidden=(32,), scheduler=None)
-    trainer = pl.Trainer(
-        max_steps=2, callbacks=[MagnitudePruning(density=0.5, pattern="16x16", include=["net.1.weight"])],
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, default_root_dir=tmp_path,
-    )
-    trainer.fit(model, datamodule=DigitsDataModule(batch_size=16))
-    trainer.save_checkpoint(tmp_path / "last.ckpt")
-    result = _run("lightning-sparse-export", "--model", "lightning_sparse.models.MLP", "--ckpt_path", "last.ckpt",
-                  "--out", "out", "--pattern", "16x16", cwd=tmp_path)
+def test_a_successful_export_exits_with_status_0(tmp_path, digits_checkpoint):
+    result = _run("lightning-sparse-export", "--model", "lightning_sparse.models.MLP", "--ckpt_path",
+                  str(digits_checkpoint[0]), "--out", "out", "--pattern", "16x16", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "exported to out" in result.stdout and (tmp_path / "out" / "manifest.json").is_file()
     assert "Manifest(" not in result.stdout + result.stderr
@@ -59,8 +44,10 @@ def test_a_successful_export_exits_with_status_0(tmp_path):
 
 @pytest.mark.parametrize("name", ["lightning-sparse", "lightning-sparse-export"])
 def test_a_bad_argument_exits_with_status_2(name, tmp_path):
-    result = _run(name, *(["fit"] if name == "lightning-sparse" else []), "--config", "no_such_recipe", cwd=tmp_path)
+    rest = ["fit"] if name == "lightning-sparse" else ["--ckpt_path", "x.ckpt", "--out", "out"]
+    result = _run(name, *rest, "--config", "no_such_recipe", cwd=tmp_path)
     assert result.returncode == 2
+    assert "'no_such_recipe' is neither a file nor a bundled recipe" in result.stderr
 
 
 def test_python_dash_m_runs_the_cli(tmp_path):

@@ -12,9 +12,8 @@ REPOSITORY_CONFIGS = Path(__file__).parents[1] / "configs"
 
 
 def test_every_repository_recipe_is_packaged_under_its_name():
+    assert REPOSITORY_CONFIGS.resolve() == Path(str(RECIPES)).resolve()  # a link, not a copy that could drift
     assert recipe_names() == sorted(path.stem for path in REPOSITORY_CONFIGS.glob("*.yaml"))
-    assert all(Path(resolve_config(name)).read_text() == (REPOSITORY_CONFIGS / f"{name}.yaml").read_text()
-               for name in recipe_names())
 
 
 @pytest.mark.parametrize("value", ["gmp", "gmp.yaml"])

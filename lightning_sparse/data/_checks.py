@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from lightning_sparse._checks import check_positive_int
-
-__all__ = ["check_fractions", "check_positive_int"]
-
 
 def check_fractions(val_fraction: float, test_fraction: float) -> None:
     """Raises ``ValueError`` unless both fractions are in (0, 1) and leave room for a training split.

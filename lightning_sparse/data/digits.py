@@ -6,7 +6,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_sparse.data._checks import check_fractions, check_positive_int
+from lightning_sparse._checks import check_positive_int
+from lightning_sparse.data._checks import check_fractions
 
 
 class DigitsDataModule(L.LightningDataModule):

@@ -9,7 +9,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from lightning_sparse.data._checks import check_fractions, check_positive_int
+from lightning_sparse._checks import check_positive_int
+from lightning_sparse.data._checks import check_fractions
 
 
 class TokenWindows(Dataset):
