@@ -29,7 +29,7 @@ from lightning_sparse.callbacks.sparsegpt import sparsegpt_
 from lightning_sparse.core.masks import topk_mask
 from lightning_sparse.core.obs import reconstruction_error
 from lightning_sparse.core.patterns import NM
-from lightning_sparse.core.targets import select_targets
+from lightning_sparse.targets import select_targets
 from lightning_sparse.data import PythonSourceDataModule
 from lightning_sparse.layer_inputs import collect_hessians
 from lightning_sparse.models import CharGPT

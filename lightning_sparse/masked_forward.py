@@ -8,7 +8,7 @@ Python finds instance attributes before ``nn.Module.__getattr__`` looks in ``_pa
 removes the entry again. The effective tensor is rebuilt on every call, so every forward has its own graph:
 gradient accumulation and activation checkpointing (``torch.utils.checkpoint``, which re-runs the hooks) work.
 
-Hook placement: the module that owns the parameter (Linear, Conv1d/2d/3d, any module whose ``forward`` reads the
+Hook placement: every module that owns the parameter (more than one for a tied weight) (Linear, Conv1d/2d/3d, any module whose ``forward`` reads the
 attribute), plus, for ``nn.MultiheadAttention.out_proj``, the attention module itself: its ``forward`` reads
 ``self.out_proj.weight`` directly and never calls ``out_proj``'s own ``forward``.
 
@@ -32,6 +32,8 @@ from typing import Any
 
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
+
+from lightning_sparse.layers import parameter_aliases
 
 WeightFn = Callable[[nn.Parameter], Tensor]
 
@@ -90,10 +92,12 @@ class MaskedForward:
             raise ValueError(f"MaskedForward: {unknown} are not parameters of the model")
         self.model = model
         installers: dict[str, _Installer] = {}
+        aliases = parameter_aliases(model)
         for fqn, fn in fns.items():
-            owner_path, _, name = fqn.rpartition(".")
-            for site, relative in _hook_sites(model, owner_path):
-                installers.setdefault(site, _Installer()).entries.append((relative, name, fn))
+            for alias in aliases[fqn]:  # a tied weight: every module that reads it
+                owner_path, _, name = alias.rpartition(".")
+                for site, relative in _hook_sites(model, owner_path):
+                    installers.setdefault(site, _Installer()).entries.append((relative, name, fn))
         self._handles: list[RemovableHandle] = []
         for site, installer in installers.items():
             module = model.get_submodule(site)

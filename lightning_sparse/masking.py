@@ -32,11 +32,19 @@ class MaskState:
     Args:
         params: parameter name -> parameter.
         pattern: the grouping used to store masks compactly in :meth:`state_dict` (blocks as block masks).
+        layouts: parameter name -> ``True`` for a weight stored ``(in, out)`` (HF ``Conv1D``): its pattern runs along
+            its first dimension (see :meth:`pattern_of`).
     """
 
-    def __init__(self, params: Mapping[str, nn.Parameter], pattern: Pattern | None = None) -> None:
+    def __init__(
+        self,
+        params: Mapping[str, nn.Parameter],
+        pattern: Pattern | None = None,
+        layouts: Mapping[str, bool] | None = None,
+    ) -> None:
         self.params = dict(params)
         self.pattern = pattern or Unstructured()
+        self.patterns = {name: self.pattern.for_layout(bool((layouts or {}).get(name))) for name in self.params}
         self.masks = {name: torch.ones_like(p, dtype=torch.bool) for name, p in self.params.items()}
         self._multipliers: dict[str, Tensor] = {}
 
@@ -52,6 +60,10 @@ class MaskState:
             else:  # through uint8: the same 0/1 values, 3x faster than bool -> float on the CPU
                 self._multipliers[name] = mask.view(torch.uint8).to(self.params[name].dtype)
         return changed
+
+    def pattern_of(self, name: str) -> Pattern:
+        """The pattern as it applies to the stored tensor of ``name`` (its layer's layout)."""
+        return self.patterns[name]
 
     def multiplier(self, name: str) -> Tensor:
         """The mask of ``name`` as 0/1 values of the weight's dtype (bool when it keeps everything)."""
@@ -104,7 +116,7 @@ class MaskState:
 
     def state_dict(self) -> dict[str, Tensor]:
         """Masks as bool tensors on the CPU; block patterns store one bit per block."""
-        return {name: self.pattern.compress(mask).cpu().clone() for name, mask in self.masks.items()}
+        return {name: self.patterns[name].compress(mask).cpu().clone() for name, mask in self.masks.items()}
 
     def check_state_dict(self, state: Mapping[str, Tensor]) -> None:
         """Raise ``ValueError`` unless ``state`` holds one mask of the right size for every parameter."""
@@ -114,7 +126,7 @@ class MaskState:
                 f"the callback targets {sorted(self.params)}"
             )
         for name, stored in state.items():
-            expected = tuple(self.pattern.compress(self.masks[name]).shape)
+            expected = tuple(self.patterns[name].compress(self.masks[name]).shape)
             if tuple(stored.shape) != expected:
                 raise ValueError(
                     f"the checkpoint's mask for {name} has shape {tuple(stored.shape)} but the model's {name} of shape "
@@ -125,4 +137,4 @@ class MaskState:
         """Restore masks saved by :meth:`state_dict` (does not touch the weights)."""
         self.check_state_dict(state)
         shapes = {name: tuple(p.shape) for name, p in self.params.items()}
-        self.set_masks({name: self.pattern.expand(stored, shapes[name]) for name, stored in state.items()})
+        self.set_masks({name: self.patterns[name].expand(stored, shapes[name]) for name, stored in state.items()})

@@ -43,7 +43,7 @@ class SparseModuleMixin:
         declared = self.sparse_targets()
         if declared is None:
             return sparsity_report(self)
-        from lightning_sparse.core.targets import select_targets
+        from lightning_sparse.targets import select_targets
 
         names = select_targets(self, list(declared))
         overrides = {}

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lightning_sparse.core.targets import default_targets
+from lightning_sparse.targets import default_targets
 
 
 @dataclass

@@ -27,23 +27,16 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_debug
+from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_info
 from torch import Tensor
 
 from lightning_sparse.callbacks._args import check_int
 from lightning_sparse.callbacks.scheduler import SparsityScheduler, find_scheduler
 from lightning_sparse.core.density import allocate_densities, check_density, check_distribution
 from lightning_sparse.core.patterns import NM, parse_pattern
-from lightning_sparse.core.targets import select_targets
+from lightning_sparse.layers import check_pattern, kind_of
+from lightning_sparse.targets import as_globs, describe_targets, select_targets
 from lightning_sparse.masking import MaskState
-
-
-def _globs(argument: str, globs: Sequence[str] | None) -> list[str] | None:
-    if globs is None:
-        return None
-    if isinstance(globs, str) or not all(isinstance(g, str) for g in globs):
-        raise TypeError(f"{argument} must be a list of glob strings, got {globs!r}")
-    return list(globs)
 
 
 class SparsityCallback(Callback):
@@ -81,8 +74,8 @@ class SparsityCallback(Callback):
         density: float | None = None,
         pattern: str = "unstructured",
         distribution: str = "uniform",
-        include: Sequence[str] | None = None,
-        exclude: Sequence[str] | None = None,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
         skip_first: bool = False,
         skip_last: bool = False,
         update_every: int = 100,
@@ -92,8 +85,8 @@ class SparsityCallback(Callback):
         self.pattern = parse_pattern(pattern)
         self.distribution = check_distribution(distribution)
         self._check_nm(self.density)
-        self.include = _globs("include", include)
-        self.exclude = _globs("exclude", exclude)
+        self.include = as_globs("include", include)
+        self.exclude = as_globs("exclude", exclude)
         self.skip_first, self.skip_last = bool(skip_first), bool(skip_last)
         self.update_every = check_int("update_every", update_every, 1)
         self.seed = check_int("seed", seed, 0)
@@ -201,9 +194,12 @@ class SparsityCallback(Callback):
                 )
         targets = self._resolve_targets(pl_module)
         params = dict(pl_module.named_parameters())
+        kinds = kind_of(pl_module, targets)
         for name in targets:
-            self.pattern.check(name, tuple(params[name].shape))
-        self.masks = MaskState({name: params[name] for name in targets}, self.pattern)
+            check_pattern(self.pattern, name, kinds[name], tuple(params[name].shape))
+        layouts = {name: kind is not None and kind.transposed for name, kind in kinds.items()}
+        self.masks = MaskState({name: params[name] for name in targets}, self.pattern, layouts)
+        rank_zero_info(f"{type(self).__name__}: {describe_targets(pl_module, targets)}")
 
     # ----------------------------------------------------------------------------------------- hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

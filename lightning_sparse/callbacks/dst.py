@@ -120,8 +120,8 @@ class DynamicSparseTraining(SparsityCallback):
         density: float | None = None,
         pattern: str = "unstructured",
         distribution: str = "erk",
-        include: Sequence[str] | None = None,
-        exclude: Sequence[str] | None = None,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
         skip_first: bool = False,
         skip_last: bool = False,
         update_every: int | None = 100,
@@ -270,25 +270,26 @@ class DynamicSparseTraining(SparsityCallback):
         score = (lambda p: scores.random(p, self.generator)) if self.init == "random" else scores.magnitude
         init_scores = {name: score(p) for name, p in params.items()}
         global_density = self.final_density if self.distribution == "global" else None
-        return select_masks(init_scores, self.layer_densities(step), self.pattern, global_density,
+        return select_masks(init_scores, self.layer_densities(step), self.masks.patterns, global_density,
                             set(self.layer_overrides))
 
     def _rewire(self, optimizers: list, fraction: float) -> dict[str, Tensor]:
-        groups = {name: self.pattern.compress(mask) for name, mask in self.masks.masks.items()}
+        groups = {name: self.masks.pattern_of(name).compress(mask) for name, mask in self.masks.masks.items()}
         drops = {name: round(fraction * count_true(g)) for name, g in groups.items()}
         grows = self._redistribute(groups, drops) if self.redistribution else drops
         fresh = isinstance(self.grow, str) and self.grow in GROW_CRITERIA  # built-in scores are new tensors
         masks = {}
         for name, group_mask in groups.items():
             kept = self._kept_after_drop(name, group_mask, drops[name], optimizers)
-            grow_scores = self.pattern.group_scores(self._scores(self.grow, name, optimizers))
+            grow_scores = self.masks.pattern_of(name).group_scores(self._scores(self.grow, name, optimizers))
             grown = grow_around(grow_scores, kept, grows[name], overwrite=fresh).reshape(group_mask.shape)
-            masks[name] = self.pattern.expand(grown, tuple(self.masks.params[name].shape))
+            masks[name] = self.masks.pattern_of(name).expand(grown, tuple(self.masks.params[name].shape))
         return masks
 
     def _kept_after_drop(self, name: str, group_mask: Tensor, n: int, optimizers: list) -> Tensor:
         """Flat indices of the groups still active after dropping ``n``."""
-        group_scores = self.pattern.group_scores(self._scores(self.drop, name, optimizers)).to(group_mask.device)
+        pattern = self.masks.pattern_of(name)
+        group_scores = pattern.group_scores(self._scores(self.drop, name, optimizers)).to(group_mask.device)
         if self.drop == "set":
             return flat_nonzero(drop_by_sign(group_scores, group_mask, n))
         active = flat_nonzero(group_mask)

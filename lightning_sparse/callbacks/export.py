@@ -89,7 +89,7 @@ class SparseExport(Callback):
         self,
         dirpath: str | Path = "sparse_export",
         pattern: str = "32x32",
-        include: Sequence[str] | None = None,
+        include: str | Sequence[str] | None = None,
         verify: bool = True,
     ) -> None:
         parse_export_pattern(pattern)

@@ -63,8 +63,8 @@ class MagnitudePruning(SparsityCallback):
         density: float | None = None,
         pattern: str = "unstructured",
         distribution: str = "uniform",
-        include: Sequence[str] | None = None,
-        exclude: Sequence[str] | None = None,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
         skip_first: bool = False,
         skip_last: bool = False,
         update_every: int = 100,
@@ -91,7 +91,7 @@ class MagnitudePruning(SparsityCallback):
     def compute_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, Tensor]:
         scores = {name: magnitude(param) for name, param in self.masks.params.items()}
         global_density = self.target_density(step) if self.distribution == "global" else None
-        return select_masks(scores, self.layer_densities(step), self.pattern, global_density, set(self.layer_overrides))
+        return select_masks(scores, self.layer_densities(step), self.masks.patterns, global_density, set(self.layer_overrides))
 
     def on_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         if self.rewind_to is not None and step == self.rewind_to and self.rewind_weights is None:

@@ -35,7 +35,7 @@ from lightning_sparse.callbacks.base import SparsityCallback
 from lightning_sparse.core.obs import check_budget, obs_prune
 from lightning_sparse.core.obs_refine import check_refinement
 from lightning_sparse.core.patterns import NM
-from lightning_sparse.core.targets import select_targets
+from lightning_sparse.targets import select_targets
 from lightning_sparse.layer_inputs import Forward, collect_hessians, forward_order, input_kinds
 
 
@@ -100,8 +100,8 @@ def sparsegpt_(
     refit: bool = False,
     reselect: int = 0,
     sequential: bool = True,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = None,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
     forward: Forward | None = None,
     progress: bool = True,
 ) -> dict[str, Tensor]:
@@ -211,8 +211,8 @@ class SparseGPT(SparsityCallback):
         refit: bool = False,
         reselect: int = 0,
         sequential: bool = True,
-        include: Sequence[str] | None = None,
-        exclude: Sequence[str] | None = None,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
         seed: int = 0,
     ) -> None:
         self._prune = _pruner(density, nm, block_size, damp, nm_selection, refit, reselect)

@@ -97,8 +97,8 @@ class Spartan(MaskedForwardCallback):
         distribution: str = "uniform",
         cost: str = "params",
         freeze_at: int | float | None = 0.8,
-        include: Sequence[str] | None = None,
-        exclude: Sequence[str] | None = None,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
         skip_first: bool = False,
         skip_last: bool = False,
         update_every: int = 1,
@@ -121,10 +121,21 @@ class Spartan(MaskedForwardCallback):
         self._freeze_step: int | None = None
 
     # ----------------------------------------------------------------------------------------- setup
+    def _check_layouts(self) -> None:
+        """One soft threshold spans every target, so the block must read the same in every stored layout."""
+        odd = [n for n, p in self.masks.patterns.items() if p != self.pattern]
+        if odd:
+            raise ValueError(
+                f"Spartan(pattern={str(self.pattern)!r}): {odd[0]} is stored (in, out) (HF Conv1D), where a "
+                f"non-square block reads {self.masks.patterns[odd[0]]}; use a square block such as "
+                f"'{self.pattern.rows}x{self.pattern.rows}', or exclude {odd[0]!r}"
+            )
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
+        self._check_layouts()
         scheduler = next((cb for cb in trainer.callbacks if isinstance(cb, SparsityScheduler)), None)
         schedule = None if scheduler is None else scheduler.sharpness_schedule
         if schedule is not None:

@@ -157,8 +157,8 @@ class Supermask(MaskedForwardCallback):
         self,
         density: float | None = None,
         tile_size: int | str = 16,
-        include: Sequence[str] | None = None,
-        exclude: Sequence[str] | None = None,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
         skip_first: bool = False,
         skip_last: bool = False,
         score_init: str = "kaiming_uniform",
@@ -181,12 +181,14 @@ class Supermask(MaskedForwardCallback):
         if stage == "fit":
             self._add_scores(pl_module)
 
-    def initial_scores(self, weight: Tensor) -> Tensor:
-        """One score per tile of ``weight`` (CPU, float32) by ``score_init``; random draws use the generator."""
+    def initial_scores(self, weight: Tensor, tiles: Blocks | None = None) -> Tensor:
+        """One score per tile of ``weight`` (CPU, float32) by ``score_init``; random draws use the generator.
+        ``tiles``: the tile in the weight's stored layout (default: the callback's ``tile_size``)."""
+        tiles = tiles or self.pattern
         if self.score_init == "magnitude":
-            return tile_sums(weight.detach().abs(), self.pattern).cpu() / (self.pattern.rows * self.pattern.cols)
+            return tile_sums(weight.detach().abs(), tiles).cpu() / (tiles.rows * tiles.cols)
         n_rows, n_cols = as_matrix_shape(weight.shape)
-        scores = torch.empty(n_rows // self.pattern.rows, n_cols // self.pattern.cols)
+        scores = torch.empty(n_rows // tiles.rows, n_cols // tiles.cols)
         return nn.init.kaiming_uniform_(scores, a=math.sqrt(5), generator=self.generator)
 
     def _add_scores(self, pl_module: pl.LightningModule) -> None:
@@ -197,7 +199,8 @@ class Supermask(MaskedForwardCallback):
             owner, score_name = pl_module.get_submodule(owner_path), attr + SUFFIX
             if hasattr(owner, score_name):
                 raise ValueError(f"Supermask: {owner_path or 'the model'} already has an attribute {score_name!r}")
-            scores = nn.Parameter(self.initial_scores(weight).to(device=weight.device, dtype=weight.dtype))
+            initial = self.initial_scores(weight, self.masks.pattern_of(name))
+            scores = nn.Parameter(initial.to(device=weight.device, dtype=weight.dtype))
             owner.register_parameter(score_name, scores)
             self.scores[name], self._owners[name] = scores, (owner, score_name)
             per_owner.setdefault(owner_path, []).append(score_name)
@@ -233,11 +236,11 @@ class Supermask(MaskedForwardCallback):
         masks = {}
         for name, scores in self.scores.items():
             keep = topk_mask(scores.detach().reshape(-1), round(densities[name] * scores.numel()))
-            masks[name] = self.pattern.expand(keep, tuple(self.masks.params[name].shape))
+            masks[name] = self.masks.pattern_of(name).expand(keep, tuple(self.masks.params[name].shape))
         return masks
 
     def effective_weight(self, name: str, weight: Tensor) -> Tensor:
-        return supermask_weight(weight, self.scores[name], self.masks.masks[name], self.pattern)
+        return supermask_weight(weight, self.scores[name], self.masks.masks[name], self.masks.pattern_of(name))
 
     @torch.no_grad()
     def bake(self) -> None:

@@ -68,8 +68,8 @@ class TopKAST(MaskedForwardCallback):
         backward_density: float | None = None,
         pattern: str = "unstructured",
         distribution: str = "uniform",
-        include: Sequence[str] | None = None,
-        exclude: Sequence[str] | None = None,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
         skip_first: bool = False,
         skip_last: bool = False,
         update_every: int = 100,
@@ -98,11 +98,11 @@ class TopKAST(MaskedForwardCallback):
         scores = {name: magnitude(param) for name, param in self.masks.params.items()}
         densities, target = self.layer_densities(step), self.target_density(step)
         fixed = set(self.layer_overrides)
-        masks = select_masks(scores, densities, self.pattern, target if self.distribution == "global" else None, fixed)
+        masks = select_masks(scores, densities, self.masks.patterns, target if self.distribution == "global" else None, fixed)
         if self.backward_density is not None:
             backward = {name: max(d, self.backward_density) for name, d in densities.items()}
             overall = max(target, self.backward_density) if self.distribution == "global" else None
-            wider = select_masks(scores, backward, self.pattern, overall, fixed)
+            wider = select_masks(scores, backward, self.masks.patterns, overall, fixed)
             self._set_backward_masks({name: wider[name] | masks[name] for name in masks})
         return masks
 
@@ -116,11 +116,11 @@ class TopKAST(MaskedForwardCallback):
         self._backward_multipliers = {name: mask.to(params[name].dtype) for name, mask in masks.items()}
 
     def extra_state_dict(self) -> dict[str, Any]:
-        return {"backward_masks": {name: self.pattern.compress(m).cpu() for name, m in self.backward_masks.items()}}
+        return {"backward_masks": {name: self.masks.pattern_of(name).compress(m).cpu() for name, m in self.backward_masks.items()}}
 
     def load_extra_state_dict(self, state: dict[str, Any]) -> None:
         params = self.masks.params
         self._set_backward_masks({
-            name: self.pattern.expand(m, tuple(params[name].shape)).to(params[name].device)
+            name: self.masks.pattern_of(name).expand(m, tuple(params[name].shape)).to(params[name].device)
             for name, m in state.get("backward_masks", {}).items()
         })

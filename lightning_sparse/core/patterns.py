@@ -23,7 +23,7 @@ Example::
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -53,6 +53,10 @@ class Unstructured:
 
     def check(self, name: str, shape: tuple[int, ...]) -> None:
         """Every shape is allowed."""
+
+    def for_layout(self, transposed: bool) -> Unstructured:
+        """The same pattern on a weight stored ``(in, out)`` (elements do not care)."""
+        return self
 
     def num_groups(self, shape: tuple[int, ...]) -> int:
         """Number of groups (here: elements)."""
@@ -94,6 +98,10 @@ class Blocks:
                 f"choose a block whose sides divide {n_rows} and {n_cols}, or exclude {name!r}"
             )
 
+    def for_layout(self, transposed: bool) -> Blocks:
+        """The pattern on the stored tensor of a weight kept ``(in, out)``: the block's sides swap."""
+        return Blocks(self.cols, self.rows) if transposed else self
+
     def num_groups(self, shape: tuple[int, ...]) -> int:
         """Number of blocks."""
         n_rows, n_cols = as_matrix_shape(shape)
@@ -126,10 +134,15 @@ class Blocks:
 
 @dataclass(frozen=True)
 class NM:
-    """At most ``n`` kept elements in every ``m`` consecutive elements along the input dimension."""
+    """At most ``n`` kept elements in every ``m`` consecutive elements along the input dimension.
+
+    ``transposed`` (see :meth:`for_layout`): the weight is stored ``(in, out)`` (HF ``Conv1D``), so the groups run
+    along its first dimension. It does not change :meth:`__str__`.
+    """
 
     n: int
     m: int
+    transposed: bool = field(default=False, repr=False)
 
     def __str__(self) -> str:
         return f"{self.n}:{self.m}"
@@ -141,12 +154,16 @@ class NM:
 
     def check(self, name: str, shape: tuple[int, ...]) -> None:
         """Raise ``ValueError`` when ``m`` does not divide the weight's input dimension."""
-        _, n_cols = as_matrix_shape(shape)
+        n_cols = shape[0] if self.transposed else as_matrix_shape(shape)[1]
         if n_cols % self.m:
             raise ValueError(
                 f"pattern {self} needs the input dimension of {name} (shape {tuple(shape)}, {n_cols} inputs) "
                 f"to be divisible by m={self.m}; exclude {name!r} or choose another pattern"
             )
+
+    def for_layout(self, transposed: bool) -> NM:
+        """The pattern on the stored tensor of a weight kept ``(in, out)``: groups along its first dimension."""
+        return NM(self.n, self.m, bool(transposed))
 
     def num_groups(self, shape: tuple[int, ...]) -> int:
         """Number of ``m``-element groups."""
@@ -154,15 +171,17 @@ class NM:
 
     def group_scores(self, scores: Tensor) -> Tensor:
         """Scores as ``(groups, m)``."""
-        return scores.reshape(-1, self.m)
+        return (scores.t() if self.transposed else scores).reshape(-1, self.m)
 
     def expand(self, group_mask: Tensor, shape: tuple[int, ...]) -> Tensor:
         """Element mask of ``shape`` from a ``(groups, m)`` mask."""
+        if self.transposed:
+            return group_mask.reshape(shape[1], shape[0]).t().contiguous()
         return group_mask.reshape(shape)
 
     def compress(self, mask: Tensor) -> Tensor:
         """``(groups, m)`` view of an element mask."""
-        return mask.reshape(-1, self.m)
+        return (mask.t() if self.transposed else mask).reshape(-1, self.m)
 
     def keep_per_group(self, density: float) -> int:
         """Elements kept per group at ``density``: ``round(density * m)``, at least ``n``."""
@@ -174,7 +193,7 @@ class NM:
         keep = self.keep_per_group(density)
         order = torch.sort(groups, dim=1, descending=True, stable=True).indices[:, :keep]
         mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, order, True)
-        return mask.reshape(scores.shape)
+        return self.expand(mask, tuple(scores.shape))
 
 
 Pattern = Unstructured | Blocks | NM

@@ -71,7 +71,7 @@ def export_checkpoint(
     model: str | Path,
     out_dir: str | Path,
     pattern: str = "32x32",
-    include: Sequence[str] | None = None,
+    include: str | Sequence[str] | None = None,
     verify: bool = True,
 ) -> Manifest:
     """Exports a checkpoint of any algorithm: its model ``state_dict`` holds the dense weights with zeros.

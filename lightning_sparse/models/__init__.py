@@ -1,8 +1,10 @@
-"""Bundled LightningModules: MLP, SmallCNN, TinyViT (classifiers) and CharGPT (byte-level language model)."""
+"""Bundled LightningModules: MLP, SmallCNN, TinyViT (classifiers), CharGPT (byte-level language model) and HFCausalLM
+(a Hugging Face causal LM; needs the ``[hf]`` extra to be built, not to be imported)."""
 
 from lightning_sparse.models.base import ClassifierModule, build_optimizer
 from lightning_sparse.models.cnn import SmallCNN
 from lightning_sparse.models.gpt import CharGPT
+from lightning_sparse.models.hf import HFCausalLM
 from lightning_sparse.models.mlp import MLP
 from lightning_sparse.models.transformer import TransformerBlock
 from lightning_sparse.models.vit import TinyViT
@@ -11,6 +13,7 @@ __all__ = [
     "MLP",
     "CharGPT",
     "ClassifierModule",
+    "HFCausalLM",
     "SmallCNN",
     "TinyViT",
     "TransformerBlock",

@@ -1,7 +1,7 @@
 import pytest
 from torch import nn
 
-from lightning_sparse.core.targets import default_targets, select_targets
+from lightning_sparse.targets import default_targets, select_targets
 
 
 class Net(nn.Module):
@@ -38,8 +38,12 @@ def test_glob_matching_nothing_is_an_error():
         select_targets(Net(), exclude=["nope"])
 
 
-def test_bare_string_and_empty_selection_are_errors():
-    with pytest.raises(TypeError, match="include must be a list of glob strings"):
-        select_targets(Net(), include="conv.weight")
+def test_a_glob_string_is_a_list_of_one_and_other_types_are_errors():
+    assert select_targets(Net(), include="conv.weight") == select_targets(Net(), include=["conv.weight"])
+    assert select_targets(Net(), exclude="head.*")[-1] == "cross.out_proj.weight"
+    with pytest.raises(TypeError, match=r"include must be a glob string or a list of glob strings, got \[1\]"):
+        select_targets(Net(), include=[1])
+    with pytest.raises(TypeError, match="exclude must be a glob string or a list of glob strings, got 3"):
+        select_targets(Net(), exclude=3)
     with pytest.raises(ValueError, match="no parameter left to sparsify"):
         select_targets(nn.Linear(2, 2), skip_first=True)
