@@ -11,6 +11,10 @@ For an :class:`AlgorithmCase` (a factory of fresh callbacks plus the expectation
   uninterrupted 2-epoch run (CPU);
 * DDP: masks and weights identical on 2 CPU ranks (``ddp_fork``, gloo);
 * pickling, and parsing the callback from a YAML config.
+
+Every check runs on a :class:`HarnessModel`: :data:`NET` (``HarnessNet``, the default) or, in
+``tests/callbacks/test_hf_harness.py``, tiny Hugging Face GPT-2 (``Conv1D`` layers, tied head) and Llama models
+trained on dict batches.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from torch import nn
 
 from lightning_sparse.callbacks.base import SparsityCallback
 from lightning_sparse.core.patterns import NM, Blocks
+from lightning_sparse.layers import layer_weights
 
 BATCHES_PER_EPOCH = 4
 EPOCHS = 2
@@ -69,6 +74,22 @@ def harness_data() -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=False)
 
 
+@dataclass(frozen=True)
+class HarnessModel:
+    """A model the harness trains: a seeded factory, its data, and how a batch becomes outputs."""
+
+    name: str
+    make: Callable[[], nn.Module]
+    data: Callable[[], torch.utils.data.DataLoader]
+    run: Callable[[nn.Module, Any], torch.Tensor]
+
+    def first_batch(self) -> Any:
+        return next(iter(self.data()))
+
+
+NET = HarnessModel("HarnessNet", plain_model, harness_data, lambda model, batch: model(batch[0]))
+
+
 @dataclass
 class AlgorithmCase:
     """One configuration of an algorithm under test.
@@ -92,28 +113,29 @@ class FinalOutput(Callback):
     """The model's outputs on ``inputs`` (default: the first harness batch) when training ends, before any callback
     bakes masks into the weights."""
 
-    def __init__(self, inputs: torch.Tensor | None = None) -> None:
-        self.inputs = next(iter(harness_data()))[0] if inputs is None else inputs
+    def __init__(self, spec: HarnessModel = NET) -> None:
+        self.spec, self.batch = spec, spec.first_batch()
         self.output: torch.Tensor | None = None
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         training = pl_module.training
         pl_module.eval()
         with torch.no_grad():
-            self.output = pl_module(self.inputs)
+            self.output = self.spec.run(pl_module, self.batch)
         pl_module.train(training)
 
 
-def fit(case: AlgorithmCase, root: Path, ckpt_path: str | None = None, extra_callbacks: tuple = (), **trainer_kwargs):
+def fit(case: AlgorithmCase, root: Path, ckpt_path: str | None = None, extra_callbacks: tuple = (),
+        spec: HarnessModel = NET, **trainer_kwargs):
     """Train ``case`` for ``EPOCHS`` epochs, checkpointing every epoch and, after ``fit``, to ``final.ckpt``."""
-    model, callbacks = plain_model(), case.make_callbacks()
+    model, callbacks = spec.make(), case.make_callbacks()
     checkpoint = ModelCheckpoint(dirpath=root, every_n_epochs=1, save_top_k=-1, filename="{epoch}")
     trainer = pl.Trainer(
         max_epochs=EPOCHS, callbacks=[*extra_callbacks, *callbacks, checkpoint], accelerator="cpu", logger=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root, deterministic=True,
         **trainer_kwargs,
     )
-    trainer.fit(model, harness_data(), ckpt_path=ckpt_path)
+    trainer.fit(model, spec.data(), ckpt_path=ckpt_path)
     trainer.save_checkpoint(root / "final.ckpt")
     return model, sparsity_callback(callbacks)
 
@@ -128,9 +150,21 @@ def expected_kept(callback: SparsityCallback, name: str, density: float) -> int:
     return round(density * groups)
 
 
+def check_nm_along_inputs(model: nn.Module, callback: SparsityCallback) -> None:
+    """Every N:M group runs along the input dimension of its layer's ``(out, in)`` view (dim 0 of a Conv1D)."""
+    if not isinstance(callback.pattern, NM):
+        return
+    kinds, (n, m) = layer_weights(model), (callback.pattern.n, callback.pattern.m)
+    for name, mask in callback.masks.masks.items():
+        view = kinds[name].kind.as_matrix(mask) if name in kinds else mask.reshape(mask.shape[0], -1)
+        per_group = view.reshape(view.shape[0], -1, m).sum(-1)
+        assert int(per_group.max()) <= max(n, callback.pattern.keep_per_group(callback.final_density)), name
+
+
 def check_exact_density(model: nn.Module, callback: SparsityCallback, step: int) -> None:
     densities = callback.layer_densities(step)
     params = dict(model.named_parameters())
+    check_nm_along_inputs(model, callback)
     for name, mask in callback.masks.masks.items():
         kept = int(mask.sum())
         if callback.distribution != "global":
@@ -143,26 +177,29 @@ def check_exact_density(model: nn.Module, callback: SparsityCallback, step: int)
         assert kept == round(callback.target_density(step) * total / group) * group
 
 
-def check_strict_checkpoint(model: nn.Module, checkpoint: Path, expected: torch.Tensor | None = None) -> None:
+def check_strict_checkpoint(
+    model: nn.Module, checkpoint: Path, expected: torch.Tensor | None = None, spec: HarnessModel = NET
+) -> None:
     """A plain model loads ``checkpoint`` strictly and computes ``expected`` (default: ``model``'s outputs)."""
     state = torch.load(checkpoint, weights_only=True)["state_dict"]
-    plain = plain_model()
+    plain = spec.make()
     plain.load_state_dict(state, strict=True)
-    x = next(iter(harness_data()))[0]
+    batch = spec.first_batch()
     model.eval(), plain.eval()
     with torch.no_grad():
-        torch.testing.assert_close(plain(x), model(x) if expected is None else expected, rtol=1e-5, atol=1e-6)
+        want = spec.run(model, batch) if expected is None else expected
+        torch.testing.assert_close(spec.run(plain, batch), want, rtol=1e-5, atol=1e-6)
 
 
-def check_fit_and_resume(case: AlgorithmCase, root: Path) -> None:
+def check_fit_and_resume(case: AlgorithmCase, root: Path, spec: HarnessModel = NET) -> None:
     """Exact density, strict-loading checkpoint and bit-exact resume."""
-    final = FinalOutput()
-    model, callback = fit(case, root / "full", extra_callbacks=(final,))
+    final = FinalOutput(spec)
+    model, callback = fit(case, root / "full", extra_callbacks=(final,), spec=spec)
     check_exact_density(model, callback, EPOCHS * BATCHES_PER_EPOCH)
     if callback.hard_mask:  # dense-weight algorithms checkpoint dense weights until they bake at the end
-        check_strict_checkpoint(model, root / "full" / f"epoch={EPOCHS - 1}.ckpt")
-    check_strict_checkpoint(model, root / "full" / "final.ckpt", expected=final.output)
-    resumed, resumed_callback = fit(case, root / "resumed", ckpt_path=str(root / "full" / "epoch=0.ckpt"))
+        check_strict_checkpoint(model, root / "full" / f"epoch={EPOCHS - 1}.ckpt", spec=spec)
+    check_strict_checkpoint(model, root / "full" / "final.ckpt", expected=final.output, spec=spec)
+    resumed, resumed_callback = fit(case, root / "resumed", ckpt_path=str(root / "full" / "epoch=0.ckpt"), spec=spec)
     for name, mask in callback.masks.masks.items():
         assert torch.equal(mask, resumed_callback.masks.masks[name]), f"mask of {name} differs after resume"
     for (name, p), (_, q) in zip(model.named_parameters(), resumed.named_parameters(), strict=True):
@@ -179,14 +216,14 @@ class _DumpMasks(Callback):
         torch.save(state, self.root / f"rank{trainer.global_rank}.pt")
 
 
-def check_ddp(case: AlgorithmCase, root: Path) -> None:
+def check_ddp(case: AlgorithmCase, root: Path, spec: HarnessModel = NET) -> None:
     """Masks and weights identical on 2 CPU ranks."""
-    model, callbacks = plain_model(), [*case.make_callbacks(), _DumpMasks(root)]
+    model, callbacks = spec.make(), [*case.make_callbacks(), _DumpMasks(root)]
     trainer = pl.Trainer(
         max_epochs=EPOCHS, callbacks=callbacks, accelerator="cpu", devices=2, strategy="ddp_fork", logger=False,
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, default_root_dir=root,
     )
-    trainer.fit(model, harness_data())
+    trainer.fit(model, spec.data())
     ranks = [torch.load(root / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0]["masks"], "no masks were recorded"
     for name, mask in ranks[0]["masks"].items():

@@ -140,7 +140,7 @@ def test_fit_lowers_the_loss_and_logs_perplexity(config, python_source, fast_tra
     metrics = trainer.callback_metrics
     assert {"train_loss", "val_loss", "val_ppl"} <= set(metrics)
     assert math.isclose(metrics["val_ppl"].item(), math.exp(metrics["val_loss"].item()), rel_tol=1e-4)
-    assert metrics["val_loss"] < before["val_loss"] - 0.2, (before, metrics)
+    assert metrics["val_loss"] < before["val_loss"] - 0.5, (before, metrics)
     results = trainer.test(model, datamodule=python_source, verbose=False)[0]
     assert set(results) == {"test_loss", "test_ppl"}
     assert math.isclose(results["test_ppl"], math.exp(results["test_loss"]), rel_tol=1e-4)

@@ -1,0 +1,70 @@
+"""Every algorithm passes the shared harness on tiny Hugging Face models: GPT-2 (``Conv1D`` weights stored
+``(in, out)``, ``lm_head`` tied to the token embedding) and Llama (``nn.Linear``, untied ``lm_head``), trained on dict
+batches. Exact budgets (N:M along each layer's input dimension), strict-loading checkpoints, exact resume, 2 DDP
+ranks; the output embeddings stay dense."""
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from lightning_sparse.callbacks import (  # noqa: E402
+    MEST,
+    SET,
+    SNFS,
+    MagnitudePruning,
+    NMSparsity,
+    RigL,
+    SparseGPT,
+    SparsityScheduler,
+    Spartan,
+    Supermask,
+    TopKAST,
+)
+from tests import harness  # noqa: E402
+from tests.hf_models import HF_MODELS  # noqa: E402
+
+
+def _case(name: str, make) -> harness.AlgorithmCase:
+    return harness.AlgorithmCase(name, make)
+
+
+CASES = [
+    _case("gmp-erk", lambda: [SparsityScheduler(density=0.25, end=0.75), MagnitudePruning(update_every=2,
+                                                                                          distribution="erk")]),
+    _case("gmp-2:4", lambda: [SparsityScheduler(density=0.5, end=0.75), MagnitudePruning(update_every=2,
+                                                                                         pattern="2:4")]),
+    _case("gmp-global-4x8", lambda: [SparsityScheduler(density=0.25, end=0.75),
+                                     MagnitudePruning(update_every=2, pattern="4x8", distribution="global")]),
+    _case("SET", lambda: [SET(density=0.25, update_every=3, stop_at=1.0)]),
+    _case("RigL", lambda: [RigL(density=0.25, update_every=3, stop_at=1.0)]),
+    _case("SNFS", lambda: [SNFS(density=0.25, update_every=3, stop_at=1.0)]),
+    _case("MEST", lambda: [MEST(density=0.25, update_every=3, stop_at=1.0)]),
+    _case("Spartan", lambda: [Spartan(density=0.25, sharpness=5.0, freeze_at=3)]),
+    _case("TopKAST-2:4", lambda: [TopKAST(density=0.5, backward_density=0.75, pattern="2:4", update_every=3)]),
+    _case("Supermask-4x4", lambda: [Supermask(density=0.25, tile_size=4)]),
+    _case("NMSparsity-2:4", lambda: [NMSparsity(n=2, m=4, at_step=2, reselect_every=2)]),
+    _case("SparseGPT-2:4", lambda: [SparseGPT(nm="2:4", calibration_batches=2)]),
+]
+DDP = ["RigL", "Spartan", "NMSparsity-2:4", "SparseGPT-2:4"]
+GRID = [(spec, case) for spec in HF_MODELS for case in CASES]
+
+
+def _ids(grid):
+    return [f"{spec.name}-{case.name}" for spec, case in grid]
+
+
+@pytest.mark.parametrize(("spec", "case"), GRID, ids=_ids(GRID))
+def test_fit_and_resume(spec, case, tmp_path):
+    harness.check_fit_and_resume(case, tmp_path, spec=spec)
+    model, callback = harness.fit(case, tmp_path / "again", spec=spec)
+    head = model.get_output_embeddings().weight
+    assert all(p is not head for p in callback.masks.params.values()), "the output embedding was sparsified"
+
+
+DDP_GRID = [(spec, case) for spec, case in GRID if case.name in DDP]
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize(("spec", "case"), DDP_GRID, ids=_ids(DDP_GRID))
+def test_ddp(spec, case, tmp_path):
+    harness.check_ddp(case, tmp_path, spec=spec)
