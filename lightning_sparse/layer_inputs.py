@@ -2,7 +2,8 @@ r"""The inputs a weight multiplies, as ``(n, cols)`` matrices, captured with for
 
 Supported weights (``cols`` as in the weight's matrix view ``(out, -1)``):
 
-* ``nn.Linear.weight``: the layer input;
+* ``nn.Linear.weight``, Hugging Face ``Conv1D.weight`` and any 2-D weight of a class given to
+  :func:`~lightning_sparse.layers.register_layer`: the layer input (its last dimension is the weight's ``in``);
 * ``nn.Conv1d/2d.weight`` (``groups=1``, any padding mode): the unfolded input patches;
 * ``nn.MultiheadAttention.in_proj_weight``: the attention input, for self-attention (query, key and value the same
   tensor); ``q_proj_weight`` / ``k_proj_weight`` / ``v_proj_weight``: the query / key / value;
@@ -37,12 +38,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_sparse.core.patterns import as_matrix_shape
+from lightning_sparse.layers import layer_kind, matrix_shapes
 
 Sink = Callable[[str, Tensor], None]
 Forward = Callable[[nn.Module, Any], None]
 _MHA_INPUTS = {"in_proj_weight": "qkv", "q_proj_weight": "query", "k_proj_weight": "key", "v_proj_weight": "value"}
-SUPPORTED = "weights of nn.Linear, nn.Conv1d/2d (groups=1) and nn.MultiheadAttention (projections and out_proj)"
+SUPPORTED = ("weights of nn.Linear, HF Conv1D, registered 2-D layer kinds, nn.Conv1d/2d (groups=1) and "
+             "nn.MultiheadAttention (projections and out_proj)")
 
 
 def input_kinds(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[str, str]]:
@@ -60,7 +62,7 @@ def input_kinds(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[str, 
         module = modules.get(owner)
         if owner in out_projs and attr == "weight":
             kinds[name] = (out_projs[owner], "attn_out")
-        elif isinstance(module, nn.Linear) and attr == "weight":
+        elif isinstance(module, nn.Linear) and attr == "weight" or _is_matrix_layer(module, attr):
             kinds[name] = (owner, "linear")
         elif isinstance(module, nn.Conv1d | nn.Conv2d) and attr == "weight" and module.groups == 1:
             kinds[name] = (owner, "conv")
@@ -70,6 +72,12 @@ def input_kinds(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[str, 
             raise ValueError(f"cannot capture the inputs of {name} ({type(module).__name__}); supported: {SUPPORTED}; "
                              f"exclude {name!r}")
     return kinds
+
+
+def _is_matrix_layer(module: nn.Module | None, attr: str) -> bool:
+    kind = None if module is None else layer_kind(module)
+    builtin = isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.MultiheadAttention)
+    return kind is not None and not builtin and attr in kind.weights and getattr(module, attr).dim() == 2
 
 
 def _conv_columns(conv: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
@@ -160,11 +168,14 @@ class _HessianSums:
 
     def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
         params = dict(model.named_parameters())
-        cols = {name: as_matrix_shape(params[name].shape)[1] for name in names}
+        cols = {name: shape[1] for name, shape in matrix_shapes(model, names).items()}
         self.sums = {n: torch.zeros(c, c, dtype=torch.float64, device=params[n].device) for n, c in cols.items()}
         self.counts = dict.fromkeys(names, 0)
 
     def __call__(self, name: str, x: Tensor) -> None:
+        if x.shape[-1] != self.sums[name].shape[0]:
+            raise ValueError(f"the input of {name} has {x.shape[-1]} features but its (out, in) view takes "
+                             f"{self.sums[name].shape[0]}: its layer does not compute x @ weight.T")
         x = x.reshape(-1, self.sums[name].shape[0]).float()
         self.sums[name] += (x.T @ x).to(torch.float64)
         self.counts[name] += x.shape[0]

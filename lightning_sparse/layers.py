@@ -187,25 +187,29 @@ def matrix_shapes(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[int
     """``(out, in)`` of each named weight (its layer kind's view; the plain ``(rows, -1)`` view otherwise)."""
     kinds = layer_weights(model)
     params = dict(model.named_parameters())
-    return {
-        name: kinds[name].kind.matrix_shape(params[name].shape) if name in kinds else as_matrix_shape(params[name].shape)
-        for name in names
-    }
+    shapes = {name: tuple(params[name].shape) for name in names}
+    return {name: kinds[name].kind.matrix_shape(shape) if name in kinds else as_matrix_shape(shape)
+            for name, shape in shapes.items()}
 
 
-def check_pattern(pattern: Pattern, name: str, kind: LayerKind | None, shape: Sequence[int]) -> None:
+def check_pattern(
+    pattern: Pattern, name: str, kind: LayerKind | None, shape: Sequence[int], argument: str | None = None
+) -> None:
     """Check that ``pattern`` fits weight ``name`` along its ``(out, in)`` view.
+
+    ``argument``: how the user wrote the pattern (``"tile_size=7"``); default ``pattern='...'``.
 
     Raises:
         ValueError: naming the layer, its kind, its stored shape and its ``(out, in)`` view.
     """
     (rows, cols), shape = (kind.matrix_shape(shape) if kind else as_matrix_shape(tuple(shape))), tuple(shape)
     where = f"{name}: a {kind.name if kind else 'parameter'} weight stored as {shape}, (out, in) view {rows}x{cols}"
+    argument = argument or f"pattern={str(pattern)!r}"
     if isinstance(pattern, Blocks) and (rows % pattern.rows or cols % pattern.cols):
-        raise ValueError(f"pattern {pattern} (blocks of the (out, in) view) does not tile {where}; choose a block whose "
-                         f"sides divide {rows} and {cols}, or exclude {name!r}")
+        raise ValueError(f"{argument} ({pattern} blocks of the (out, in) view) does not tile {where}; choose a block "
+                         f"whose sides divide {rows} and {cols}, or exclude {name!r}")
     if isinstance(pattern, NM) and cols % pattern.m:
-        raise ValueError(f"pattern {pattern} needs the input dimension to be divisible by m={pattern.m}, but {where} "
+        raise ValueError(f"{argument} needs the input dimension to be divisible by m={pattern.m}, but {where} "
                          f"has {cols} inputs; exclude {name!r} or choose another pattern")
 
 

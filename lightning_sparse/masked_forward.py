@@ -8,9 +8,9 @@ Python finds instance attributes before ``nn.Module.__getattr__`` looks in ``_pa
 removes the entry again. The effective tensor is rebuilt on every call, so every forward has its own graph:
 gradient accumulation and activation checkpointing (``torch.utils.checkpoint``, which re-runs the hooks) work.
 
-Hook placement: every module that owns the parameter (more than one for a tied weight) (Linear, Conv1d/2d/3d, any module whose ``forward`` reads the
-attribute), plus, for ``nn.MultiheadAttention.out_proj``, the attention module itself: its ``forward`` reads
-``self.out_proj.weight`` directly and never calls ``out_proj``'s own ``forward``.
+Hook placement: every module that owns the parameter (Linear, Conv1d/2d/3d, any module whose ``forward`` reads the
+attribute; more than one for a tied weight), plus, for ``nn.MultiheadAttention.out_proj``, the attention module
+itself: its ``forward`` reads ``self.out_proj.weight`` directly and never calls ``out_proj``'s own ``forward``.
 
 Example::
 

@@ -72,7 +72,8 @@ def dense_by_default(model: nn.Module) -> dict[str, str]:
         if id(params[name]) in heads:
             why.append("output embedding (get_output_embeddings())")
         if id(params[name]) in embeddings:
-            why.append(f"shared with the nn.Embedding {embeddings[id(params[name])]!r} (" + " = ".join(aliases[name]) + ")")
+            tied = " = ".join(aliases[name])
+            why.append(f"shared with the nn.Embedding {embeddings[id(params[name])]!r} ({tied})")
         if why:
             reasons[name] = "; ".join(why)
     return reasons

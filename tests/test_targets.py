@@ -1,7 +1,7 @@
 import pytest
 from torch import nn
 
-from lightning_sparse.targets import default_targets, select_targets
+from lightning_sparse.targets import default_targets, dense_by_default, describe_targets, select_targets
 
 
 class Net(nn.Module):
@@ -47,3 +47,42 @@ def test_a_glob_string_is_a_list_of_one_and_other_types_are_errors():
         select_targets(Net(), exclude=3)
     with pytest.raises(ValueError, match="no parameter left to sparsify"):
         select_targets(nn.Linear(2, 2), skip_first=True)
+
+
+class TiedLM(nn.Module):
+    """A token embedding, a block and an output head sharing the embedding's weight (like GPT-2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(16, 8)
+        self.block = nn.Linear(8, 8)
+        self.lm_head = nn.Linear(8, 16, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+
+def test_tied_head_is_dense_by_default_and_one_target_when_included():
+    model = TiedLM()
+    assert default_targets(model) == ["block.weight"]
+    assert "wte.weight" in dense_by_default(model) and "lm_head.weight" in dense_by_default(model)["wte.weight"]
+    with pytest.warns(UserWarning, match=r"include selects wte.weight, which is tied \(wte.weight = lm_head.weight\)"):
+        assert select_targets(model, include="lm_head.weight") == ["wte.weight"]
+    assert describe_targets(model, ["block.weight"]) == (
+        "sparsifying 1 Linear; left dense: wte.weight (output embedding (get_output_embeddings()); shared with the "
+        "nn.Embedding 'wte' (wte.weight = lm_head.weight))"
+    )
+
+
+def test_hf_models_keep_their_output_embeddings_dense():
+    pytest.importorskip("transformers")
+    from tests.hf_models import HF_GPT2, HF_LLAMA
+
+    gpt2, llama = HF_GPT2.make(), HF_LLAMA.make()
+    gpt2_targets = select_targets(gpt2)
+    assert len(gpt2_targets) == 8 and all(".h." in n for n in gpt2_targets)
+    assert describe_targets(gpt2, gpt2_targets).startswith("sparsifying 8 Conv1D; left dense: model.transformer.wte")
+    llama_targets = select_targets(llama)
+    assert "model.lm_head.weight" not in llama_targets and len(llama_targets) == 14
+    assert select_targets(llama, include="*lm_head*") == ["model.lm_head.weight"]  # untied: no warning

@@ -35,8 +35,8 @@ from lightning_sparse.callbacks.scheduler import SparsityScheduler, find_schedul
 from lightning_sparse.core.density import allocate_densities, check_density, check_distribution
 from lightning_sparse.core.patterns import NM, parse_pattern
 from lightning_sparse.layers import check_pattern, kind_of
-from lightning_sparse.targets import as_globs, describe_targets, select_targets
 from lightning_sparse.masking import MaskState
+from lightning_sparse.targets import as_globs, describe_targets, select_targets
 
 
 class SparsityCallback(Callback):
@@ -111,6 +111,11 @@ class SparsityCallback(Callback):
         return self._generate_state_key(
             density=self.density, pattern=str(self.pattern), include=self.include, exclude=self.exclude
         )
+
+    @property
+    def pattern_argument(self) -> str:
+        """The pattern as the user wrote it, for messages (``pattern='2:4'``; ``tile_size=16`` for Supermask)."""
+        return f"pattern={str(self.pattern)!r}"
 
     # ----------------------------------------------------------------------------------------- overridables
     def compute_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, Tensor]:
@@ -196,7 +201,7 @@ class SparsityCallback(Callback):
         params = dict(pl_module.named_parameters())
         kinds = kind_of(pl_module, targets)
         for name in targets:
-            check_pattern(self.pattern, name, kinds[name], tuple(params[name].shape))
+            check_pattern(self.pattern, name, kinds[name], tuple(params[name].shape), self.pattern_argument)
         layouts = {name: kind is not None and kind.transposed for name, kind in kinds.items()}
         self.masks = MaskState({name: params[name] for name in targets}, self.pattern, layouts)
         rank_zero_info(f"{type(self).__name__}: {describe_targets(pl_module, targets)}")

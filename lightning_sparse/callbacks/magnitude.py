@@ -91,7 +91,8 @@ class MagnitudePruning(SparsityCallback):
     def compute_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, Tensor]:
         scores = {name: magnitude(param) for name, param in self.masks.params.items()}
         global_density = self.target_density(step) if self.distribution == "global" else None
-        return select_masks(scores, self.layer_densities(step), self.masks.patterns, global_density, set(self.layer_overrides))
+        densities, fixed = self.layer_densities(step), set(self.layer_overrides)
+        return select_masks(scores, densities, self.masks.patterns, global_density, fixed)
 
     def on_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         if self.rewind_to is not None and step == self.rewind_to and self.rewind_weights is None:

@@ -10,8 +10,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_sparse.callbacks._args import check_int
 from lightning_sparse.callbacks.base import SparsityCallback
-from lightning_sparse.targets import default_targets
 from lightning_sparse.report import SparsityReport, sparsity_report
+from lightning_sparse.targets import default_targets
 
 
 class SparsityMonitor(Callback):

@@ -66,6 +66,10 @@ class NMSparsity(MagnitudePruning):
         )
         self.n, self.m = n, m
 
+
+    @property
+    def pattern_argument(self) -> str:
+        return f"n={self.n}, m={self.m}"
     def should_update(self, step: int) -> bool:
         if self.reselect_every is None:
             return step == self.at_step

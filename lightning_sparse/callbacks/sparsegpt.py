@@ -27,23 +27,26 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities.rank_zero import rank_zero_debug
 from rich.progress import track
 from torch import Tensor, nn
 
+from lightning_sparse.calibration import (
+    BlockInputs,
+    BlocksNotCalled,
+    Forward,
+    default_forward,
+    find_blocks,
+    shared_input_groups,
+)
 from lightning_sparse.callbacks._args import check_int
 from lightning_sparse.callbacks.base import SparsityCallback
 from lightning_sparse.core.obs import check_budget, obs_prune
 from lightning_sparse.core.obs_refine import check_refinement
 from lightning_sparse.core.patterns import NM
+from lightning_sparse.layer_inputs import collect_hessians, forward_order, input_kinds
+from lightning_sparse.layers import check_pattern, kind_of
 from lightning_sparse.targets import select_targets
-from lightning_sparse.layer_inputs import Forward, collect_hessians, forward_order, input_kinds
-
-
-def default_forward(model: nn.Module, batch: Any) -> None:
-    """``model(batch[0])`` for a tuple/list batch, else ``model(batch)``; tensors moved to the model's device."""
-    x = batch[0] if isinstance(batch, tuple | list) else batch
-    device = next(model.parameters()).device
-    model(x.to(device) if isinstance(x, Tensor) else x)
 
 
 def _pruner(
@@ -59,6 +62,55 @@ def _pruner(
     return partial(obs_prune, density=density, nm=pattern, block_size=block_size, damp=float(damp), **options)
 
 
+class _Writer:
+    """Prunes one target on its layer's ``(out, in)`` view and writes the result back in the layer's own layout."""
+
+    def __init__(self, model: nn.Module, prune: partial) -> None:
+        self.params, self.prune = dict(model.named_parameters()), prune
+        self.kinds = kind_of(model, list(self.params))
+        self.masks: dict[str, Tensor] = {}
+
+    def __call__(self, name: str, hessian: Tensor) -> None:
+        param, kind = self.params[name], self.kinds[name]
+        matrix = kind.as_matrix(param) if kind is not None else param.reshape(param.shape[0], -1)
+        weight, mask = self.prune(matrix, hessian, name=name)
+        param.copy_(self._layout(name, weight))
+        self.masks[name] = self._layout(name, mask).contiguous()
+
+    def _layout(self, name: str, matrix: Tensor) -> Tensor:
+        """An ``(out, in)`` matrix in the layout of parameter ``name``."""
+        kind, shape = self.kinds[name], self.params[name].shape
+        return kind.from_matrix(matrix, shape) if kind is not None else matrix.reshape(shape)
+
+
+def _block_inputs(model: nn.Module, blocks: str | None, batches: list, forward: Forward) -> BlockInputs | None:
+    """The cached inputs of the first block, or ``None`` (no block list, or its blocks are not called as modules)."""
+    if blocks is None:
+        return None
+    try:
+        return BlockInputs(model, blocks, batches, forward)
+    except BlocksNotCalled:
+        rank_zero_debug(f"SparseGPT: {blocks}.0 is never called; calibrating with the whole model per layer")
+        return None
+
+
+def _prune_by_blocks(model: nn.Module, order: list[str], inputs: BlockInputs, blocks: str, write: _Writer,
+                     show: bool) -> None:
+    """Sequential pruning, one block at a time on cached block inputs (see :mod:`lightning_sparse.calibration`)."""
+    owners = {n: owner for n, (owner, kind) in input_kinds(model, order).items() if kind != "attn_out"}
+    last = max(int(name[len(blocks) + 1:].split(".", 1)[0]) for name in order)
+    for index in track(range(last + 1), description="SparseGPT", transient=True, disable=not show):
+        in_block = [name for name in order if name.startswith(f"{blocks}.{index}.")]
+        run = inputs.forward_block(index)
+        probe = partial(run, model, inputs.calls[0])
+        for group in shared_input_groups(model, in_block, owners, probe):
+            hessians = collect_hessians(model, group, inputs.calls, run)
+            for name in group:
+                write(name, hessians.pop(name))
+        if index < last:
+            inputs.advance(index)
+
+
 @torch.no_grad()
 def prune_layers(
     model: nn.Module,
@@ -71,21 +123,24 @@ def prune_layers(
 ) -> dict[str, Tensor]:
     """:func:`sparsegpt_` on checked target names, ``prune(weight, hessian, name=...)`` being :func:`obs_prune` with
     checked options; ``show``: a progress bar on rank zero (the model runs in eval mode)."""
-    params = dict(model.named_parameters())
     training = model.training
     model.eval()
+    write = _Writer(model, prune)
+    show = show and (not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0)
     try:
         order = forward_order(model, names, batches[0], forward)
-        hessians = {} if sequential else collect_hessians(model, order, batches, forward)
-        masks = {}
-        show = show and (not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0)
-        for name in track(order, description="SparseGPT", transient=True, disable=not show):
-            hessian = collect_hessians(model, [name], batches, forward)[name] if sequential else hessians.pop(name)
-            weight, masks[name] = prune(params[name], hessian, name=name)
-            params[name].copy_(weight)
+        blocks = find_blocks(model, names) if sequential else None
+        inputs = _block_inputs(model, blocks, batches, forward)
+        if inputs is not None:
+            _prune_by_blocks(model, order, inputs, blocks, write, show)
+        else:
+            hessians = {} if sequential else collect_hessians(model, order, batches, forward)
+            for name in track(order, description="SparseGPT", transient=True, disable=not show):
+                hessian = collect_hessians(model, [name], batches, forward)[name] if sequential else hessians.pop(name)
+                write(name, hessian)
     finally:
         model.train(training)
-    return {name: masks[name] for name in names}
+    return {name: write.masks[name] for name in names}
 
 
 def sparsegpt_(
@@ -156,8 +211,9 @@ def sparsegpt_(
         raise ValueError("sparsegpt_ needs at least one calibration batch, got none")
     names = select_targets(model, include, exclude)
     if pattern is not None:
+        kinds = kind_of(model, names)
         for name in names:
-            pattern.check(name, tuple(model.get_parameter(name).shape))
+            check_pattern(pattern, name, kinds[name], tuple(model.get_parameter(name).shape))
     input_kinds(model, names)
     return prune_layers(model, names, batches, forward or default_forward, prune, sequential, progress)
 
@@ -257,7 +313,8 @@ class SparseGPT(SparsityCallback):
             self.update_masks(trainer, pl_module, trainer.global_step)
 
     def calibration_forward(self, pl_module: pl.LightningModule, batch: Any) -> None:
-        """Run one calibration batch (on the module's device): ``pl_module(batch[0])`` by default."""
+        """Run one calibration batch (on the module's device) as :func:`~lightning_sparse.calibration.default_forward`
+        does: ``pl_module(**batch)`` for a mapping, ``pl_module(batch[0])`` for a tuple or list."""
         default_forward(pl_module, batch)
 
     def _calibration_batches(self, trainer: pl.Trainer) -> list:

@@ -181,6 +181,10 @@ class Supermask(MaskedForwardCallback):
         if stage == "fit":
             self._add_scores(pl_module)
 
+    @property
+    def pattern_argument(self) -> str:
+        return f"tile_size={self.tile_size!r}"
+
     def initial_scores(self, weight: Tensor, tiles: Blocks | None = None) -> Tensor:
         """One score per tile of ``weight`` (CPU, float32) by ``score_init``; random draws use the generator.
         ``tiles``: the tile in the weight's stored layout (default: the callback's ``tile_size``)."""

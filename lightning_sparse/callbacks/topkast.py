@@ -98,7 +98,8 @@ class TopKAST(MaskedForwardCallback):
         scores = {name: magnitude(param) for name, param in self.masks.params.items()}
         densities, target = self.layer_densities(step), self.target_density(step)
         fixed = set(self.layer_overrides)
-        masks = select_masks(scores, densities, self.masks.patterns, target if self.distribution == "global" else None, fixed)
+        pooled = target if self.distribution == "global" else None
+        masks = select_masks(scores, densities, self.masks.patterns, pooled, fixed)
         if self.backward_density is not None:
             backward = {name: max(d, self.backward_density) for name, d in densities.items()}
             overall = max(target, self.backward_density) if self.distribution == "global" else None
@@ -116,7 +117,8 @@ class TopKAST(MaskedForwardCallback):
         self._backward_multipliers = {name: mask.to(params[name].dtype) for name, mask in masks.items()}
 
     def extra_state_dict(self) -> dict[str, Any]:
-        return {"backward_masks": {name: self.masks.pattern_of(name).compress(m).cpu() for name, m in self.backward_masks.items()}}
+        compress = self.masks.pattern_of
+        return {"backward_masks": {name: compress(name).compress(m).cpu() for name, m in self.backward_masks.items()}}
 
     def load_extra_state_dict(self, state: dict[str, Any]) -> None:
         params = self.masks.params

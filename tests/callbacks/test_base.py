@@ -46,7 +46,8 @@ def test_setup_errors_name_the_problem():
         _trainer([SparsityScheduler(0.1), MagnitudePruning(density=0.2)]).fit(harness.plain_model(), data)
     with pytest.raises(ValueError, match="keeps density 0.5, got density=0.1"):
         _trainer([SparsityScheduler(0.1), MagnitudePruning(pattern="2:4")]).fit(harness.plain_model(), data)
-    with pytest.raises(ValueError, match=r"3x3 \(blocks of the \(out, in\) view\) does not tile conv.weight: a Conv1d weight stored as \(8, 4, 2\), \(out, in\) view 8x8"):
+    with pytest.raises(ValueError, match=r"pattern=.3x3. \(3x3 blocks of the \(out, in\) view\) "
+                       r"does not tile conv.weight: a Conv1d weight stored as \(8, 4, 2\), \(out, in\) view 8x8"):
         _trainer([MagnitudePruning(density=0.5, pattern="3x3")]).fit(harness.plain_model(), data)
     with pytest.raises(ValueError, match="include glob 'encoder.*' matches no parameter"):
         _trainer([MagnitudePruning(density=0.5, include=["encoder.*"])]).fit(harness.plain_model(), data)

@@ -70,5 +70,6 @@ def test_bad_arguments(kwargs, error, match):
 def test_m_not_dividing_the_input_dimension_names_the_layer():
     trainer = pl.Trainer(max_steps=1, callbacks=[NMSparsity(n=1, m=3)], logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False)
-    with pytest.raises(ValueError, match=r"pattern 1:3 needs the input dimension to be divisible by m=3, but conv.weight: a Conv1d weight stored as \(8, 4, 2\), \(out, in\) view 8x8 has 8 inputs"):
+    with pytest.raises(ValueError, match=r"n=1, m=3 needs the input dimension to be divisible by m=3, "
+                       r"but conv.weight: a Conv1d weight stored as \(8, 4, 2\), \(out, in\) view 8x8 has 8 inputs"):
         trainer.fit(harness.HarnessNet(), harness.harness_data())

@@ -84,7 +84,7 @@ class _TwoBranch(nn.Module):
         ({"density": 0.5, "nm": "2:4"}, ValueError, "exactly one of density"),
         ({"density": None}, ValueError, "exactly one of density"),
         ({"density": None, "nm": "4:4"}, ValueError, "0 < N < M"),
-        ({"density": None, "nm": "2:3"}, ValueError, r"input dimension of used.weight \(shape \(8, 8\), 8 inputs\)"),
+        ({"density": None, "nm": "2:3"}, ValueError, r"m=3, but used.weight: a Linear weight stored as \(8, 8\)"),
         ({"include": ["used.bias"]}, ValueError, r"cannot capture the inputs of used.bias \(Linear\)"),
         ({"include": ["unused.weight"]}, ValueError, "no calibration batch reached unused.weight"),
         ({"forward": "model"}, TypeError, "forward must be a callable"),
@@ -123,7 +123,7 @@ def test_callback_setup_errors():
     with pytest.raises(ValueError, match=r"cannot capture the inputs of tok_embed.weight \(Embedding\)"):
         SparseGPT(density=0.5, include=["tok_embed.weight"]).setup(trainer, CharGPT(dim=16, heads=2), "fit")
     model = nn.Sequential(nn.Linear(6, 4))
-    with pytest.raises(ValueError, match=r"input dimension of 0.weight \(shape \(4, 6\), 6 inputs\)"):
+    with pytest.raises(ValueError, match=r"m=4, but 0.weight: a Linear weight stored as \(4, 6\)"):
         SparseGPT(nm="2:4").setup(trainer, model, "fit")
 
 

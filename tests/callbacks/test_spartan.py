@@ -175,7 +175,8 @@ def test_setup_and_schedule_errors():
         _fit([SparsityScheduler(0.25, sharpness=-1.0), Spartan()])
     with pytest.raises(ValueError, match="conflicts with the SparsityScheduler's sharpness"):
         _fit([SparsityScheduler(0.25, sharpness=5.0), Spartan(sharpness=5.0)])
-    with pytest.raises(ValueError, match=r"pattern 3x3 \(blocks of the \(out, in\) view\) does not tile conv.weight: a Conv1d weight stored as \(8, 4, 2\)"):
+    with pytest.raises(ValueError, match=r"pattern=.3x3. \(3x3 blocks of the \(out, in\) view\) does not tile "
+                       r"conv.weight: a Conv1d weight stored as \(8, 4, 2\)"):
         _fit([Spartan(density=0.25, pattern="3x3")])
     with pytest.raises(ValueError, match="before the density reaches its final value at step 6"):
         _fit([SparsityScheduler(0.25, end=0.75), Spartan(freeze_at=0.5)])

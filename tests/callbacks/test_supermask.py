@@ -133,7 +133,7 @@ def test_attention_out_proj_is_masked():
     plain.load_state_dict(model.state_dict(), strict=True)
     plain.eval()
     with torch.no_grad():
-        torch.testing.assert_close(plain(final.inputs), final.output)
+        torch.testing.assert_close(plain(final.batch[0]), final.output)
 
 
 def test_bake_removes_the_scores():
@@ -172,7 +172,8 @@ def test_constructor_rejects_bad_arguments(kwargs, error, match):
 
 
 def test_tile_that_does_not_divide_a_layer_is_named():
-    with pytest.raises(ValueError, match=r"pattern 16x16 does not divide head.weight of shape \(8, 32\)"):
+    with pytest.raises(ValueError, match=r"tile_size=16 \(16x16 blocks of the \(out, in\) view\) does not tile "
+                       r"head.weight: a Linear weight stored as \(8, 32\)"):
         _fit([Supermask(density=0.5, tile_size=16, exclude=["conv.weight"])])
 
 
