@@ -29,10 +29,10 @@ from lightning_sparse.callbacks.sparsegpt import sparsegpt_
 from lightning_sparse.core.masks import topk_mask
 from lightning_sparse.core.obs import reconstruction_error
 from lightning_sparse.core.patterns import NM
-from lightning_sparse.targets import select_targets
 from lightning_sparse.data import PythonSourceDataModule
 from lightning_sparse.layer_inputs import collect_hessians
 from lightning_sparse.models import CharGPT
+from lightning_sparse.targets import select_targets
 
 
 def train(steps: int, batch_size: int, save: str | None) -> tuple[CharGPT, PythonSourceDataModule]:

@@ -18,13 +18,15 @@ the test loop on the fitted model when ``fit`` ends.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 import lightning_sparse.callbacks  # noqa: F401  (registers the callbacks for short class names)
 import lightning_sparse.data  # noqa: F401
 import lightning_sparse.models  # noqa: F401
+from lightning_sparse.callbacks.monitor import readable_progress_bar
 from lightning_sparse.recipes import with_recipes
 
 
@@ -43,6 +45,13 @@ class SparseCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=False, help="Run `test` when `fit` ends.")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The trainer, its progress bar showing ``v_num`` as the logger gives it (not ``0.000``) and ``sparsity/*``
+        values to 4 significant digits (:func:`~lightning_sparse.callbacks.monitor.readable_progress_bar`)."""
+        trainer = super().instantiate_trainer(**kwargs)
+        readable_progress_bar(trainer)
+        return trainer
 
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit"):

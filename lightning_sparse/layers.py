@@ -206,11 +206,26 @@ def check_pattern(
     where = f"{name}: a {kind.name if kind else 'parameter'} weight stored as {shape}, (out, in) view {rows}x{cols}"
     argument = argument or f"pattern={str(pattern)!r}"
     if isinstance(pattern, Blocks) and (rows % pattern.rows or cols % pattern.cols):
+        example = _as_argument(argument, pattern.fitting(rows, cols))
         raise ValueError(f"{argument} ({pattern} blocks of the (out, in) view) does not tile {where}; choose a block "
-                         f"whose sides divide {rows} and {cols}, or exclude {name!r}")
+                         f"whose sides divide {rows} and {cols}{example}, or exclude {name!r}")
     if isinstance(pattern, NM) and cols % pattern.m:
+        example = _as_argument(argument, pattern.fitting(cols))
         raise ValueError(f"{argument} needs the input dimension to be divisible by m={pattern.m}, but {where} "
-                         f"has {cols} inputs; exclude {name!r} or choose another pattern")
+                         f"has {cols} inputs; exclude {name!r} or choose another pattern{example}")
+
+
+def _as_argument(argument: str, pattern: Pattern | None) -> str:
+    """`` (e.g. tile_size=4)``: a pattern that fits, written as the user wrote ``argument`` (``tile_size=7``,
+    ``pattern='7x7'``, ``n=2, m=4``, ``nm='2:4'``); empty when none fits."""
+    if pattern is None:
+        return ""
+    key = argument.partition("=")[0].strip()
+    if isinstance(pattern, NM):
+        value = f"n={pattern.n}, m={pattern.m}" if key == "n" else f"{key}={str(pattern)!r}"
+        return f" (e.g. {value}, the same density)"
+    square = isinstance(pattern, Blocks) and pattern.rows == pattern.cols and key == "tile_size"
+    return f" (e.g. {key}={pattern.rows if square else repr(str(pattern))})"
 
 
 def kind_of(model: nn.Module, names: Sequence[str]) -> dict[str, LayerKind | None]:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from lightning_sparse.core.masks import count_true, flat_nonzero
 from lightning_sparse.core.patterns import Pattern, Unstructured
+from lightning_sparse.distributed import all_reduce_sum, gather_rows, local, shard_of
 
 
 class MaskState:
@@ -34,6 +35,11 @@ class MaskState:
         pattern: the grouping used to store masks compactly in :meth:`state_dict` (blocks as block masks).
         layouts: parameter name -> ``True`` for a weight stored ``(in, out)`` (HF ``Conv1D``): its pattern runs along
             its first dimension (see :meth:`pattern_of`).
+
+    An FSDP2 parameter (a ``DTensor`` sharded on dim 0) gets a mask of its local rows only (:attr:`shards` says
+    where they sit); weights, optimizer state and masks are touched shard by shard. :meth:`state_dict` gathers each
+    mask whole (every rank must call it: Lightning does) and :meth:`load_state_dict` keeps this rank's rows, so a
+    checkpoint resumes under any number of ranks, or on one device.
     """
 
     def __init__(
@@ -45,28 +51,41 @@ class MaskState:
         self.params = dict(params)
         self.pattern = pattern or Unstructured()
         self.patterns = {name: self.pattern.for_layout(bool((layouts or {}).get(name))) for name in self.params}
-        self.masks = {name: torch.ones_like(p, dtype=torch.bool) for name, p in self.params.items()}
+        self.shards = {name: shard_of(p, name) for name, p in self.params.items()}
+        self.masks = {name: torch.ones_like(local(p.data), dtype=torch.bool) for name, p in self.params.items()}
         self._multipliers: dict[str, Tensor] = {}
 
     def set_masks(self, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Replace masks; returns, per parameter, the positions whose state changed (new XOR old)."""
         changed = {}
         for name, mask in masks.items():
-            mask = mask.to(device=self.params[name].device, dtype=torch.bool)
+            mask = mask.to(device=self.masks[name].device, dtype=torch.bool)
             changed[name] = mask ^ self.masks[name]
             self.masks[name] = mask
             if count_true(mask) == mask.numel():
                 self._multipliers.pop(name, None)
+            elif self.shards[name] is not None:  # FSDP2 is for models that do not fit: no float copy of a mask
+                self._multipliers[name] = mask
             else:  # through uint8: the same 0/1 values, 3x faster than bool -> float on the CPU
                 self._multipliers[name] = mask.view(torch.uint8).to(self.params[name].dtype)
         return changed
+
+    def local_param(self, name: str) -> Tensor:
+        """This rank's shard of parameter ``name`` (the parameter itself when it is not sharded)."""
+        return local(self.params[name].data)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the parameters are FSDP2 shards."""
+        return any(shard is not None for shard in self.shards.values())
 
     def pattern_of(self, name: str) -> Pattern:
         """The pattern as it applies to the stored tensor of ``name`` (its layer's layout)."""
         return self.patterns[name]
 
     def multiplier(self, name: str) -> Tensor:
-        """The mask of ``name`` as 0/1 values of the weight's dtype (bool when it keeps everything)."""
+        """The mask of ``name`` as 0/1 values of the weight's dtype (bool when it keeps everything, and for FSDP2
+        shards: one byte per weight, the multiply about 2x slower)."""
         return self._multipliers.get(name, self.masks[name])
 
     def _masked(self) -> tuple[list[Tensor], list[Tensor]]:
@@ -78,7 +97,7 @@ class MaskState:
         """Zero every masked-out weight (one fused multiply over all parameters)."""
         params, multipliers = self._masked()
         if params:
-            torch._foreach_mul_([p.data for p in params], multipliers)
+            torch._foreach_mul_([local(p.data) for p in params], multipliers)
 
     @torch.no_grad()
     def clear_optimizer_state(
@@ -90,8 +109,8 @@ class MaskState:
         cheaper than a masked fill over the whole tensor); others with a masked fill."""
         optimizers = list(optimizers)
         for name, where in positions.items():
-            states = [value for optimizer in optimizers for value in optimizer.state.get(self.params[name], {}).values()
-                      if isinstance(value, Tensor) and value.shape == where.shape]
+            states = [local(value) for optimizer in optimizers for value in optimizer.state.get(self.params[name], {})
+                      .values() if isinstance(value, Tensor) and tuple(local(value).shape) == tuple(where.shape)]
             indices = flat_nonzero(where) if states else None
             for value in states:
                 if value.is_contiguous():
@@ -102,21 +121,36 @@ class MaskState:
     @torch.no_grad()
     def names_with_weights_outside_mask(self) -> list[str]:
         """Parameters that hold a non-zero weight where their mask is False."""
-        return [name for name, m in self._multipliers.items() if (self.params[name] * (1 - m)).any()]
+        return [name for name, m in self._multipliers.items() if (self.local_param(name) * (1 - m)).any()]
+
+    def _counts(self, names: Iterable[str]) -> tuple[int, int]:
+        names = list(names)
+        counts = torch.tensor([[count_true(self.masks[n]), self.masks[n].numel()] for n in names], dtype=torch.int64)
+        sharded = [n for n in names if self.shards[n] is not None]
+        if sharded:  # every rank holds other rows: sum over the shards' group
+            counts = all_reduce_sum(counts, self.shards[sharded[0]].group)
+        return int(counts[:, 0].sum()), int(counts[:, 1].sum())
 
     def density(self, name: str) -> float:
-        """Fraction of ``name``'s mask that is kept."""
-        mask = self.masks[name]
-        return count_true(mask) / mask.numel()
+        """Fraction of ``name``'s mask that is kept (over all shards: every rank must call it)."""
+        kept, total = self._counts([name])
+        return kept / total
 
     def global_density(self) -> float:
         """Fraction kept over all masked parameters together."""
-        kept = sum(count_true(m) for m in self.masks.values())
-        return kept / sum(m.numel() for m in self.masks.values())
+        kept, total = self._counts(self.masks)
+        return kept / total
+
+    def full_mask(self, name: str) -> Tensor:
+        """The whole mask of ``name`` on the CPU (gathered from every shard: every rank must call it)."""
+        shard = self.shards[name]
+        if shard is None:
+            return self.masks[name].cpu()
+        return gather_rows(self.masks[name], shard).cpu()
 
     def state_dict(self) -> dict[str, Tensor]:
-        """Masks as bool tensors on the CPU; block patterns store one bit per block."""
-        return {name: self.patterns[name].compress(mask).cpu().clone() for name, mask in self.masks.items()}
+        """Whole masks as bool tensors on the CPU; block patterns store one bit per block."""
+        return {name: self.patterns[name].compress(self.full_mask(name)).clone() for name in self.masks}
 
     def check_state_dict(self, state: Mapping[str, Tensor]) -> None:
         """Raise ``ValueError`` unless ``state`` holds one mask of the right size for every parameter."""
@@ -126,7 +160,8 @@ class MaskState:
                 f"the callback targets {sorted(self.params)}"
             )
         for name, stored in state.items():
-            expected = tuple(self.patterns[name].compress(self.masks[name]).shape)
+            whole = torch.ones(tuple(self.params[name].shape), dtype=torch.bool, device="meta")
+            expected = tuple(self.patterns[name].compress(whole).shape)
             if tuple(stored.shape) != expected:
                 raise ValueError(
                     f"the checkpoint's mask for {name} has shape {tuple(stored.shape)} but the model's {name} of shape "
@@ -137,4 +172,8 @@ class MaskState:
         """Restore masks saved by :meth:`state_dict` (does not touch the weights)."""
         self.check_state_dict(state)
         shapes = {name: tuple(p.shape) for name, p in self.params.items()}
-        self.set_masks({name: self.patterns[name].expand(stored, shapes[name]) for name, stored in state.items()})
+        masks = {name: self.patterns[name].expand(stored, shapes[name]) for name, stored in state.items()}
+        for name, shard in self.shards.items():
+            if shard is not None:
+                masks[name] = masks[name][shard.row_offset : shard.row_offset + shard.rows]
+        self.set_masks(masks)

@@ -25,7 +25,9 @@ from lightning_sparse.targets import default_targets
 
 @dataclass
 class SparsityReport:
-    """Rows of ``{"name", "shape", "numel", "nonzero", "density", "target"}`` plus the global density."""
+    """Rows of ``{"name", "shape", "numel", "nonzero", "density", "target"}`` plus the global density. A row may also
+    hold ``"asked"``: the final density asked of a layer whose run ended before its schedule did (a column of its
+    own when any row has one)."""
 
     rows: list[dict] = field(default_factory=list)
 
@@ -36,19 +38,24 @@ class SparsityReport:
         return sum(row["nonzero"] for row in self.rows) / total if total else 1.0
 
     def __str__(self) -> str:
-        header = ("parameter", "shape", "nonzero", "density", "target")
+        asked = any(row.get("asked") is not None for row in self.rows)
+        header = ("parameter", "shape", "nonzero", "density", "target") + (("asked",) if asked else ())
         lines = [
             (row["name"], "x".join(map(str, row["shape"])), f"{row['nonzero']}/{row['numel']}", f"{row['density']:.4f}",
-             "" if row["target"] is None else f"{row['target']:.4f}")
+             _cell(row["target"])) + ((_cell(row.get("asked")),) if asked else ())
             for row in self.rows
         ]
         total = sum(row["numel"] for row in self.rows)
         nonzero = sum(row["nonzero"] for row in self.rows)
-        lines.append(("total", "", f"{nonzero}/{total}", f"{self.global_density:.4f}", ""))
+        lines.append(("total", "", f"{nonzero}/{total}", f"{self.global_density:.4f}", "") + (("",) if asked else ()))
         widths = [max(len(str(cell)) for cell in column) for column in zip(header, *lines, strict=True)]
         render = ["  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
                   for line in (header, *lines)]
         return "\n".join(render)
+
+
+def _cell(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
 
 
 @torch.no_grad()

@@ -120,3 +120,28 @@ def test_unstructured_search_ends_where_no_single_swap_helps(seed):
     for out, into in itertools.product(kept, dropped):
         swapped = np.sort(np.append(kept[kept != out], into))
         assert search.best_fit(w, hessian, swapped)[0] >= error * (1 - 1e-9)
+
+
+def test_sparsegpt_hf_finds_the_pruned_weights_and_checks_them_for_2to4():
+    hf = _load("sparsegpt_hf")
+    dense = {"a": torch.ones(2, 8), "b": torch.ones(3), "c": torch.ones(2, 4)}
+    pruned = {"a": torch.tensor([[1.0, 0, 1, 0] * 2, [0, 0, 0, 1] * 2]), "b": torch.ones(3), "c": torch.ones(2, 4)}
+    assert hf.pruned_weights(dense, pruned) == {"a"}
+    with pytest.raises(ValueError, match=r"not 2:4 along the inputs: \['c'\]"):
+        hf.pruned_weights(dense, {**pruned, "c": torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0]])})
+
+
+def test_sparsegpt_hf_acceptance_checks_each_target():
+    import statistics
+
+    hf = _load("sparsegpt_hf")
+    errors = {"ours": {"a": 0.1, "b": 0.35}, "peer": {"a": 0.2, "b": 0.3}}
+    ppl = {"dense": 2.0, "ours": 3.2, "magnitude": 4.0}
+    rounds = {"ours": [1.5, 30.0, 1.0], "peer": [1.0, 2.0, 1.0]}
+    time_ratio = statistics.median(hf.paired_ratios(rounds, "ours", "peer"))
+    checks = hf.acceptance(errors, ppl, time_ratio, "ours", "peer", "magnitude")
+    assert [(round(ratio, 3), target, passed) for _, ratio, target, passed in checks] == [
+        (1.167, 1.0, False),  # layer b is worse than the peer's
+        (0.6, 0.5, False),
+        (1.5, 1.5, True),  # the median of the rounds' ratios 1.5, 15, 1
+    ]

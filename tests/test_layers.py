@@ -1,5 +1,7 @@
 """The layer-kind registry: built-in kinds, HF Conv1D's transposed view, register_layer and its errors."""
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -83,6 +85,27 @@ def test_matrix_shapes_and_pattern_errors_name_the_kind_and_view():
                                          r"0.weight: "
                                          r"a Conv1D weight stored as \(6, 8\), \(out, in\) view 8x6"):
         check_pattern(parse_pattern("4x4"), "0.weight", kind, (6, 8))
+
+
+@pytest.mark.parametrize(("pattern", "argument", "shape", "example"), [
+    ("4x4", None, (8, 6), "(e.g. pattern='2x2')"),
+    ("8x4", None, (12, 6), "(e.g. pattern='6x3')"),
+    ("7x7", "tile_size=7", (64, 48), "(e.g. tile_size=4)"),
+    ("2:4", None, (8, 6), "(e.g. pattern='1:2', the same density)"),
+    ("2:4", "n=2, m=4", (8, 6), "(e.g. n=1, m=2, the same density)"),
+    ("2:4", "nm='2:4'", (8, 6), "(e.g. nm='1:2', the same density)"),
+])
+def test_pattern_errors_give_a_value_that_fits(pattern, argument, shape, example):
+    with pytest.raises(ValueError, match=re.escape(example)):
+        check_pattern(parse_pattern(pattern), "fc.weight", layer_weights(nn.Linear(shape[1], shape[0]))["weight"].kind,
+                      shape, argument)
+
+
+def test_pattern_errors_without_a_fitting_value_only_say_exclude():
+    with pytest.raises(ValueError, match=r"has 9 inputs; exclude 'fc.weight' or choose another pattern$"):
+        check_pattern(parse_pattern("2:4"), "fc.weight", None, (8, 9))
+    with pytest.raises(ValueError, match=r"divide 7 and 5, or exclude 'fc.weight'$"):
+        check_pattern(parse_pattern("4x4"), "fc.weight", None, (7, 5))
 
 
 def test_register_layer_makes_a_user_class_a_default_target():

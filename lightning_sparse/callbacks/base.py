@@ -27,16 +27,30 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_sparse.callbacks._args import check_int
+from lightning_sparse.callbacks._run_end import (
+    RESUME_WEIGHTS,
+    planned_steps,
+    restore_weights,
+    run_length,
+    short_run_at_end,
+    short_run_at_start,
+    snapshot,
+    why_ended,
+)
 from lightning_sparse.callbacks.scheduler import SparsityScheduler, find_scheduler
 from lightning_sparse.core.density import allocate_densities, check_density, check_distribution
 from lightning_sparse.core.patterns import NM, parse_pattern
+from lightning_sparse.core.selection import select_masks
+from lightning_sparse.distributed import check_shard, select_sharded_masks
 from lightning_sparse.layers import check_pattern, kind_of
 from lightning_sparse.masking import MaskState
 from lightning_sparse.targets import as_globs, describe_targets, select_targets
+
+FSDP2_ALGORITHMS = ("MagnitudePruning", "NMSparsity")
 
 
 class SparsityCallback(Callback):
@@ -51,7 +65,8 @@ class SparsityCallback(Callback):
         exclude: glob patterns of parameter names to leave dense.
         skip_first: leave the first target dense.
         skip_last: leave the last target dense.
-        update_every: optimizer steps between mask updates.
+        update_every: optimizer steps between mask updates; an update is also forced at the density schedule's end
+            step and at fit end when the masks are stale, so the run ends at the density asked.
         seed: seed of the callback's own ``torch.Generator`` (identical on every rank).
 
     Raises:
@@ -68,6 +83,10 @@ class SparsityCallback(Callback):
 
     resets_optimizer_state: bool = True
     """Whether a hard-mask update zeroes the optimizer state of every weight whose mask changed."""
+
+    supports_fsdp2: bool = False
+    """Whether the algorithm runs on FSDP2-sharded parameters (Lightning's ``ModelParallelStrategy``); the others
+    refuse that strategy at setup rather than train a silently dense model."""
 
     def __init__(
         self,
@@ -97,6 +116,7 @@ class SparsityCallback(Callback):
         self._scheduler: SparsityScheduler | None = None
         self._seen_step = -1
         self._pending: dict[str, Any] | None = None
+        self._layouts: dict[str, bool] = {}
 
     def _check_nm(self, density: float | None) -> None:
         if not isinstance(self.pattern, NM):
@@ -163,6 +183,34 @@ class SparsityCallback(Callback):
         shapes = {name: tuple(p.shape) for name, p in self.masks.params.items()}
         return allocate_densities(shapes, target, self.distribution, fixed=fixed)
 
+    # ----------------------------------------------------------------------------------------- the schedule's end
+    _resume_state: dict[str, Any] | None = None  # what checkpoints hold once fit has ended (keep_resume_state)
+    _fit_ending: bool = False  # True during the fit-end update
+
+    @property
+    def schedule_end(self) -> int:
+        """The optimizer step from which the target density is final (``0`` without a ramp; known from train start).
+        The masks reach :attr:`final_density` on that step, whatever ``update_every`` is."""
+        return self._scheduler.window()[1] if self._scheduler is not None else 0
+
+    @property
+    def schedule_argument(self) -> str:
+        """What sets :attr:`schedule_end`, as the user wrote it (for messages)."""
+        if self._scheduler is None:
+            return f"density={self.final_density}"
+        return f"SparsityScheduler(end={self._scheduler.density_schedule.end!r})"
+
+    def scheduled_density(self, step: int) -> float:
+        """The density the masks hold after optimizer step ``step`` when every due update has run."""
+        return self.target_density(step)
+
+    def final_update_due(self, step: int) -> bool:
+        """Whether the masks are stale after ``step``: computed for another scheduled density than ``step``'s.
+        An update is then forced at the schedule's end step and at fit end, although :meth:`should_update` says
+        no (``update_every`` not dividing the end step, or a run that ends between two updates)."""
+        last = self.last_update_step
+        return 0 <= last != step and abs(self.target_density(step) - self.target_density(last)) > 1e-12
+
     # ----------------------------------------------------------------------------------------- setup
     def _resolve_targets(self, pl_module: pl.LightningModule) -> list[str]:
         declared = pl_module.sparse_targets() if hasattr(pl_module, "sparse_targets") else None
@@ -184,9 +232,22 @@ class SparsityCallback(Callback):
             return targets
         return select_targets(pl_module, include, self.exclude, self.skip_first, self.skip_last)
 
+    def _check_strategy(self, trainer: pl.Trainer) -> None:
+        strategy = getattr(trainer, "strategy", None)
+        names = {cls.__name__ for cls in type(strategy).__mro__} if strategy is not None else set()
+        works = ("single device, DDP (ddp, ddp_fork, ddp_spawn), and ModelParallelStrategy (FSDP2 fully_shard, "
+                 f"data parallel only) for {', '.join(FSDP2_ALGORITHMS)}")
+        if names & {"DeepSpeedStrategy", "FSDPStrategy"}:
+            raise ValueError(f"{type(self).__name__} does not support {type(strategy).__name__} (its parameters "
+                             f"are flattened or partitioned out of the callback's sight); what works: {works}")
+        if "ModelParallelStrategy" in names and not self.supports_fsdp2:
+            raise ValueError(f"{type(self).__name__} does not support ModelParallelStrategy (FSDP2) yet; what works: "
+                             f"{works}")
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._check_strategy(trainer)
         scheduler = next((cb for cb in trainer.callbacks if isinstance(cb, SparsityScheduler)), None)
         if scheduler is None and self.density is None and not isinstance(self.pattern, NM):
             raise ValueError(f"{type(self).__name__} needs density=... or a SparsityScheduler in the Trainer callbacks")
@@ -202,14 +263,40 @@ class SparsityCallback(Callback):
         kinds = kind_of(pl_module, targets)
         for name in targets:
             check_pattern(self.pattern, name, kinds[name], tuple(params[name].shape), self.pattern_argument)
-        layouts = {name: kind is not None and kind.transposed for name, kind in kinds.items()}
-        self.masks = MaskState({name: params[name] for name in targets}, self.pattern, layouts)
+        self._layouts = {name: kind is not None and kind.transposed for name, kind in kinds.items()}
+        self.masks = MaskState({name: params[name] for name in targets}, self.pattern, self._layouts)
         rank_zero_info(f"{type(self).__name__}: {describe_targets(pl_module, targets)}")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Hold the parameters the strategy trains: FSDP2's ``fully_shard`` (in ``configure_model``, after
+        ``setup``) replaces every parameter by a sharded one, found again here by name."""
+        live = dict(pl_module.named_parameters())
+        if all(live.get(name) is param for name, param in self.masks.params.items()):
+            return
+        missing = [name for name in self.masks.params if name not in live]
+        if missing:
+            raise ValueError(f"{type(self).__name__}: the targets {missing} are gone from the model after "
+                             "configure_model; select targets that exist in the model the strategy trains")
+        self.masks = MaskState({name: live[name] for name in self.masks.params}, self.pattern, self._layouts)
+        for name, shard in self.masks.shards.items():
+            check_shard(self.masks.pattern_of(name), name, shard, self._layouts[name])
+
+    def select(self, scores: dict[str, Tensor], densities: dict[str, float], global_density: float | None,
+               fixed: set[str]) -> dict[str, Tensor]:
+        """:func:`~lightning_sparse.core.selection.select_masks` over the targets' (local) scores: under FSDP2 an
+        exact selection across the shards (:func:`~lightning_sparse.distributed.select_sharded_masks`)."""
+        if not self.masks.sharded:
+            return select_masks(scores, densities, self.masks.patterns, global_density, fixed)
+        shapes = {name: tuple(p.shape) for name, p in self.masks.params.items()}
+        return select_sharded_masks(scores, densities, self.masks.patterns, self.masks.shards, shapes,
+                                    global_density, fixed)
 
     # ----------------------------------------------------------------------------------------- hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # not on_fit_start: Lightning restores the loops (global_step) and optimizers after on_fit_start
         self._scheduler = find_scheduler(trainer)
+        self._resume_state = None  # training again: checkpoints hold the live state
+        self._warn_short_run(trainer, at_end=False)
         if self._pending is not None:
             self._restore(self._pending)
             self._pending = None
@@ -231,19 +318,73 @@ class SparsityCallback(Callback):
         if self.hard_mask:
             self.masks.apply_to_weights()
         self.on_step(trainer, pl_module, step)
-        if step != self.last_update_step and self.should_update(step):
+        due = self.should_update(step) or (step == self.schedule_end and self.final_update_due(step))
+        if step != self.last_update_step and due:
             self.update_masks(trainer, pl_module, step)
 
     def update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, Tensor]:
         """Compute and apply new masks now; returns the changed positions per target."""
         changed = self.masks.set_masks(self.compute_masks(trainer, pl_module, step))
         if self.hard_mask:
-            if self.resets_optimizer_state:
+            if self.resets_optimizer_state and not self._fit_ending:  # training is over: a resume needs it as is
                 self.masks.clear_optimizer_state(trainer.optimizers, changed)
             self.masks.apply_to_weights()
         self.last_update_step = step
         rank_zero_debug(f"{type(self).__name__}: masks updated at step {step}")
         return changed
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Fit end: masks that are stale (the run ended between two updates) are updated once more; a run that ended
+        before the schedule's end says so, with the density reached and the one asked."""
+        if self.masks is None:
+            return
+        if self.final_update_due(trainer.global_step):
+            self.finish_update(trainer, pl_module)
+        self._warn_short_run(trainer, at_end=True)
+
+    def finish_update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        """A mask update when fit has ended: optimizer state is left as it is, and checkpoints saved from now on
+        keep the state before it (:meth:`keep_resume_state`), so they still resume exactly."""
+        self.keep_resume_state()
+        self._fit_ending = True
+        try:
+            return self.update_masks(trainer, pl_module, trainer.global_step)
+        finally:
+            self._fit_ending = False
+
+    def _warn_short_run(self, trainer: pl.Trainer, at_end: bool) -> None:
+        last = trainer.global_step if at_end else planned_steps(trainer)
+        end = self.schedule_end
+        if last is None or last >= end or abs(self.scheduled_density(last) - self.final_density) <= 1e-12:
+            return
+        name, asked = type(self).__name__, self.final_density
+        if at_end:
+            reached = self.masks.global_density()  # every rank calls it (sharded masks count over all ranks)
+            rank_zero_warn(short_run_at_end(name, end, self.schedule_argument, last, why_ended(trainer), reached,
+                                            asked))
+        else:
+            rank_zero_warn(short_run_at_start(name, end, self.schedule_argument, last, run_length(trainer),
+                                              self.scheduled_density(last), asked))
+
+    # ----------------------------------------------------------------------------------------- after fit
+    def keep_resume_state(self) -> None:
+        """Keep what training needs (this callback's state and the targets' weights, as they are now) for every
+        checkpoint saved from now on (:meth:`on_save_checkpoint`), before a fit-end update or a bake changes the live
+        model: the checkpoint's model weights are the final ones, and a resume from it puts the kept weights back
+        at train start. Called once; training again drops what it kept."""
+        if self._resume_state is not None or self.masks is None:
+            return
+        weights = {name: self.masks.local_param(name) for name in self.masks.params}
+        self._resume_state = snapshot(self.state_dict(), weights, self.masks.shards)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if self._resume_state is not None:
+            checkpoint.setdefault("callbacks", {})[self.state_key] = self._resume_state
+
+    def _restore_weights(self, weights: dict[str, Tensor] | None) -> None:
+        if weights is not None:
+            local = {name: self.masks.local_param(name) for name in weights}
+            restore_weights(weights, local, self.masks.shards)
 
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -277,6 +418,7 @@ class SparsityCallback(Callback):
     def _restore(self, state: dict[str, Any]) -> None:
         state = dict(state)
         self.masks.load_state_dict(state.pop("masks"))
+        self._restore_weights(state.pop(RESUME_WEIGHTS, None))
         if self.hard_mask:
             self.masks.apply_to_weights()
         self.last_update_step = int(state.pop("last_update_step"))

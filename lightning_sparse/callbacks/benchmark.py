@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from lightning_sparse.callbacks._args import check_int
 from lightning_sparse.callbacks.export import bake_masked_forward, first_batch_input
 from lightning_sparse.export.plan import LayerPlan, parse_export_pattern, plan_layers
-from lightning_sparse.export.verify import output_tensors
+from lightning_sparse.export.verify import ModelInput, batch_size, move_input, output_tensors, run_model
 from lightning_sparse.kernels.timing import (
     DENSE,
     DENSE_CONV,
@@ -31,8 +31,9 @@ from lightning_sparse.nn.convert import to_sparse_inference
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _cast(x: Tensor, model: nn.Module) -> Tensor:
-    return x.to(next(model.parameters()).dtype) if x.is_floating_point() else x
+def _cast(example: ModelInput, model: nn.Module) -> ModelInput:
+    param = next(model.parameters())
+    return move_input(example, param.device, param.dtype)
 
 
 def _ratios(times: dict[str, float], dense: str = DENSE) -> dict[str, float]:
@@ -46,9 +47,10 @@ def _total_speedup(rows: list[dict[str, Any]], dense: str, sparse: str) -> float
 
 
 class KernelBenchmark(Callback):
-    """At the end of fit (rank zero), time every Linear and Conv2d layer the export would convert, at its real shape.
+    """At the end of fit (rank zero), time every linear and Conv2d layer the export would convert, at its real shape.
 
-    Per Linear layer, at the token count it saw on a real training batch (or ``tokens``): dense ``F.linear``
+    Per linear layer (``nn.Linear``, or Hugging Face ``Conv1D`` timed on its ``(out, in)`` view, the transpose of
+    its stored weight), at the token count it saw on a real training batch (or ``tokens``): dense ``F.linear``
     against :class:`~lightning_sparse.nn.SparseLinear` (what the exported model runs: torch's CPU BSR path on CPU,
     our Triton kernels on CUDA) and, on CUDA, against our ``bsr_linear`` / ``sparse24_linear`` and torch's
     ``bsr_dense_mm`` / ``to_sparse_semi_structured``. Per Conv2d layer, on the input it saw on the real batch: the
@@ -57,8 +59,10 @@ class KernelBenchmark(Callback):
     on the real batch. Ratios are dense time over candidate time (> 1: faster). The results go to
     ``<dirpath>/kernel_benchmark.json``, to the loggers (``benchmark/speedup/<layer>``,
     ``benchmark/linear_speedup``, ``benchmark/conv_speedup``, ``benchmark/model_speedup``), to :attr:`results`
-    and to a printed table. Layers that are not converted (shapes the block does not divide, convolutions that
-    read too many of their input channels to run faster, other layer types) are listed with the reason.
+    and to a printed table; each row holds the layer's ``shape`` as stored and its ``matrix_shape`` ``(out, in)``.
+    Layers that are not converted (shapes the block does not divide, convolutions that read too many of their
+    input channels to run faster, tied weights, other layer types) are listed with the reason. A dict batch (a
+    Hugging Face batch) is passed as ``model(**batch)``.
 
     Args:
         dirpath: where to write the JSON; default: the Trainer's ``log_dir``.
@@ -112,7 +116,7 @@ class KernelBenchmark(Callback):
         device = trainer.strategy.root_device
         model = copy.deepcopy(pl_module).to(device=device, dtype=_DTYPES.get(self.dtype)).eval()
         example = first_batch_input(trainer)
-        example = None if example is None else example.to(device)
+        example = None if example is None else move_input(example, device)
         plans = plan_layers(model, self.pattern)
         inputs = self._layer_inputs(model, [p for p in plans if p.convert], example)
         layers = [self._layer(plan, inputs.get(plan.name)) for plan in plans]
@@ -134,7 +138,9 @@ class KernelBenchmark(Callback):
         return self.results
 
     @torch.inference_mode()
-    def _layer_inputs(self, model: nn.Module, plans: list[LayerPlan], example: Tensor | None) -> dict[str, Tensor]:
+    def _layer_inputs(
+        self, model: nn.Module, plans: list[LayerPlan], example: ModelInput | None
+    ) -> dict[str, Tensor]:
         if self.tokens is None and example is None:
             raise ValueError("KernelBenchmark needs tokens=... when the train dataloader yields no tensor batch")
         inputs = self._random_rows(model, plans)
@@ -142,27 +148,29 @@ class KernelBenchmark(Callback):
         if example is None or not hooked:
             return inputs
 
-        def record(name: str) -> Any:
+        def record(plan: LayerPlan) -> Any:
+            in_features = plan.matrix().shape[1]
+
             def hook(module: nn.Module, args: tuple) -> None:
-                x = args[0] if isinstance(module, nn.Conv2d) else args[0].reshape(-1, module.in_features)
-                inputs.setdefault(name, x)  # a Linear: the rows it multiplies
+                x = args[0] if isinstance(module, nn.Conv2d) else args[0].reshape(-1, in_features)
+                inputs.setdefault(plan.name, x)  # a linear layer: the rows it multiplies
 
             return hook
 
-        hooks = [p.module.register_forward_pre_hook(record(p.name)) for p in hooked]
+        hooks = [p.module.register_forward_pre_hook(record(p)) for p in hooked]
         try:
-            model(_cast(example, model))
+            run_model(model, _cast(example, model))
         finally:
             for hook in hooks:
                 hook.remove()
         return inputs
 
     def _random_rows(self, model: nn.Module, plans: list[LayerPlan]) -> dict[str, Tensor]:
-        """With ``tokens``: random rows for the Linear layers (Conv2d layers take the batch's input)."""
+        """With ``tokens``: random rows for the linear layers (Conv2d layers take the batch's input)."""
         if self.tokens is None:
             return {}
         param = next(model.parameters())
-        shapes = {p.name: (self.tokens, p.module.in_features) for p in plans if isinstance(p.module, nn.Linear)}
+        shapes = {p.name: (self.tokens, p.matrix().shape[1]) for p in plans if not isinstance(p.module, nn.Conv2d)}
         return {name: torch.randn(shape, device=param.device, dtype=param.dtype) for name, shape in shapes.items()}
 
     def _layer(self, plan: LayerPlan, x: Tensor | None) -> dict[str, Any]:
@@ -183,15 +191,18 @@ class KernelBenchmark(Callback):
         row["faster"] = None if speedup is None else speedup > 1
         return row
 
-    def _whole_model(self, model: nn.Module, converted: list[str], example: Tensor | None, device: Any) -> dict:
+    def _whole_model(self, model: nn.Module, converted: list[str], example: ModelInput | None, device: Any) -> dict:
         if example is None or not converted or "" in converted:
             return {"reason": "no example batch" if example is None else "no layer to convert"}
         sparse = to_sparse_inference(copy.deepcopy(model), pattern=self.pattern, include=converted)
         x = _cast(example, model)
-        fns = {DENSE: lambda: output_tensors(model(x))[0], SPARSE: lambda: output_tensors(sparse(x))[0]}
+        fns = {
+            DENSE: lambda: output_tensors(run_model(model, x))[0],
+            SPARSE: lambda: output_tensors(run_model(sparse, x))[0],
+        }
         good, bad = check_candidates(fns)
         times = time_calls(good, device, self.warmup, self.rep)
-        return {"inputs": x.shape[0], "times_ms": times, "speedup": _ratios(times).get(SPARSE), "errors": bad}
+        return {"inputs": batch_size(x), "times_ms": times, "speedup": _ratios(times).get(SPARSE), "errors": bad}
 
     def _log(self, trainer: pl.Trainer) -> None:
         metrics = {f"benchmark/speedup/{r['name']}": r["speedup"] for r in self.results["layers"] if r.get("speedup")}
@@ -214,21 +225,21 @@ def _print_table(results: dict[str, Any], path: Path) -> None:
 
     names = sorted({name for row in results["layers"] for name in row.get("speedups", {})})
     table = Table(title=f"KernelBenchmark on {results['device']} ({results['dtype']}, pattern {results['pattern']})")
-    for column in ("layer", "type", "shape", "input", "stored", *(f"{n} vs dense" for n in names)):
+    for column in ("layer", "type", "(out, in)", "input", "stored", *(f"{n} vs dense" for n in names)):
         table.add_column(column, no_wrap=True)
     table.add_column("verdict")
     for row in results["layers"]:
         ratios = [_ratio(row.get("speedups", {}).get(name)) for name in names]
         verdict = row["reason"] or ("faster" if row["faster"] else "slower" if row["faster"] is False else "failed")
         stored = "" if row["stored_density"] is None else f"{row['stored_density']:.3f}"
-        shape = "x".join(map(str, row["shape"]))
+        shape = "x".join(map(str, row["matrix_shape"]))
         size = str(row.get("tokens", "x".join(map(str, row.get("input_shape", [])))))
         table.add_row(row["name"], row["type"], shape, size, stored, *ratios, verdict)
     model = results["model"]
     console = Console()
     console.width = console.width if console.is_terminal else 160  # logs and pipes: no wrapping at 80 columns
     console.print(table)
-    for kind, key in (("Linear", "linear_speedup"), ("Conv2d", "conv_speedup")):
+    for kind, key in (("linear", "linear_speedup"), ("Conv2d", "conv_speedup")):
         console.print(f"all converted {kind} layers together: {_ratio(results[key])} vs dense")
     whole = f"{_ratio(model['speedup'])} vs dense" if "speedup" in model else model["reason"]
     console.print(f"whole model on {results['device']} (batch of {model.get('inputs', '-')}): {whole}")

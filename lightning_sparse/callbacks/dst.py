@@ -36,6 +36,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from lightning_sparse.callbacks._args import check_choice, check_float, check_int
+from lightning_sparse.callbacks._run_end import planned_steps
 from lightning_sparse.callbacks.base import SparsityCallback
 from lightning_sparse.core import scores
 from lightning_sparse.core.criteria import (
@@ -175,6 +176,11 @@ class DynamicSparseTraining(SparsityCallback):
         """The final density at every step: DST is sparse from the start (a scheduler's ramp is not used)."""
         return self.final_density
 
+    @property
+    def schedule_end(self) -> int:
+        """``0``: sparse at the final density from the first step."""
+        return 0
+
     def layer_densities(self, step: int) -> dict[str, float]:
         """The initial allocation; with redistribution, each layer's actual density (counts move between layers)."""
         if self.redistribution is None or self.last_update_step < 0:
@@ -199,10 +205,11 @@ class DynamicSparseTraining(SparsityCallback):
 
     # ----------------------------------------------------------------------------------------- hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        total = trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            raise ValueError(f"{type(self).__name__} needs a finite run (stop_at is a fraction of it): set max_steps "
-                             "or max_epochs")
+        total = planned_steps(trainer)
+        if total is None:
+            raise ValueError(f"{type(self).__name__}(stop_at={self.stop_at}) needs the run's length (stop_at is a "
+                             "fraction of it), which is unknown here (no max_steps, and max_epochs=-1 or a dataloader "
+                             "without a length): set max_steps")
         self._stop_step = self.stop_at * total
         super().on_train_start(trainer, pl_module)
         ramp = None if self._scheduler is None else self._scheduler.density_schedule

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -16,8 +16,9 @@ from lightning_sparse.export.plan import check_include, parse_export_pattern
 from lightning_sparse.export.sparse_io import export_sparse
 
 
-def first_batch_input(trainer: pl.Trainer) -> Tensor | None:
-    """The model input of the first batch of the (first) train dataloader: ``batch[0]`` for a tuple or list."""
+def first_batch_input(trainer: pl.Trainer) -> Tensor | dict[str, Tensor] | None:
+    """The model input of the first batch of the (first) train dataloader: ``batch[0]`` for a tuple or list, a dict
+    of tensors as it is (keyword inputs, ``model(**batch)``: a Hugging Face batch); ``None`` for anything else."""
     loader = trainer.train_dataloader
     if isinstance(loader, dict):
         loader = next(iter(loader.values()), None)
@@ -26,6 +27,9 @@ def first_batch_input(trainer: pl.Trainer) -> Tensor | None:
     if loader is None:
         return None
     batch = next(iter(loader), None)
+    if isinstance(batch, Mapping):
+        tensors = batch and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in batch.items())
+        return dict(batch) if tensors else None
     batch = batch[0] if isinstance(batch, tuple | list) and batch else batch
     return batch if isinstance(batch, Tensor) else None
 
@@ -61,21 +65,25 @@ class SparseExport(Callback):
     """At the end of fit (rank zero), export the model with :func:`~lightning_sparse.export.export_sparse`.
 
     It first checks that the hard masks of every sparsity callback still hold and bakes masked-forward callbacks,
-    then writes ``model.safetensors``, ``sparse.safetensors`` and ``manifest.json`` to ``dirpath``, verifying the
-    sparse model's outputs on the first training batch. The per-layer densities and the path go to the log; the
-    manifest is kept in :attr:`manifest`. Export a checkpoint later with ``python -m lightning_sparse.export``.
+    then writes ``model.safetensors``, ``sparse.safetensors`` and ``manifest.json`` to ``dirpath`` (and, for a
+    Hugging Face model such as :class:`~lightning_sparse.models.HFCausalLM`, its ``save_pretrained`` folder
+    ``hf/``), verifying the sparse model's (and the reloaded Hugging Face folder's) outputs on the first training
+    batch (a tensor, or a dict batch passed as ``model(**batch)``). The per-layer densities and the paths go to the
+    log; the manifest is kept in :attr:`manifest`. Export a checkpoint later with ``python -m lightning_sparse.export``.
 
     Args:
         dirpath: export directory; a relative path is taken under the Trainer's ``default_root_dir``.
         pattern: ``"RxC"`` BSR blocks (``"32x32"``), ``"2:4"`` or ``"dense"``.
-        include: FQN globs of the Linear / Conv2d layers to convert; ``None``: every layer that fits and is worth
-            converting (see :func:`~lightning_sparse.export.plan.plan_layers`).
-        verify: check the sparse model's outputs against the dense-with-zeros model on a real batch.
+        include: FQN globs of the layers to convert; ``None``: every layer that fits and is worth converting (see
+            :func:`~lightning_sparse.export.plan.plan_layers`).
+        verify: check the exported models' outputs against the dense-with-zeros model on a real batch.
+        hf: write the Hugging Face folder: ``None`` when the model holds a Hugging Face model (with a warning when
+            it cannot be written), ``True`` always (an error when it cannot be), ``False`` never.
 
     Raises:
         ValueError: on a bad ``pattern`` (at construction); at fit end, as
             :func:`~lightning_sparse.export.export_sparse`, or when a hard mask no longer holds.
-        TypeError: if ``include`` is not a glob or a list of globs.
+        TypeError: if ``include`` is not a glob or a list of globs, or ``hf`` is not a bool or None.
 
     Example::
 
@@ -91,12 +99,16 @@ class SparseExport(Callback):
         pattern: str = "32x32",
         include: str | Sequence[str] | None = None,
         verify: bool = True,
+        hf: bool | None = None,
     ) -> None:
         parse_export_pattern(pattern)
+        if hf is not None and not isinstance(hf, bool):
+            raise TypeError(f"hf must be True, False or None, got {hf!r}")
         self.dirpath = Path(dirpath)
         self.pattern = pattern
         self.include = check_include(include)
         self.verify = bool(verify)
+        self.hf = hf
         self.manifest: Manifest | None = None
 
     @property
@@ -117,10 +129,13 @@ class SparseExport(Callback):
         bake_masked_forward(trainer)
         example = first_batch_input(trainer) if self.verify else None
         if self.verify and example is None:
-            rank_zero_warn("SparseExport: no tensor batch in the train dataloader to verify on; exporting unverified")
+            rank_zero_warn(
+                "SparseExport: no tensor or dict-of-tensors batch in the train dataloader to verify on; exporting "
+                "unverified"
+            )
         path = self.resolve_dirpath(trainer)
         self.manifest = export_sparse(
-            pl_module, path, pattern=self.pattern, include=self.include, example_input=example
+            pl_module, path, pattern=self.pattern, include=self.include, example_input=example, hf=self.hf
         )
         error = (self.manifest.verification or {}).get("max_abs_error")
         checked = "unverified" if error is None else f"outputs verified, max abs error {error:.3g}"

@@ -24,7 +24,7 @@ from torch import Tensor
 from lightning_sparse.callbacks._args import check_int
 from lightning_sparse.callbacks.base import SparsityCallback
 from lightning_sparse.core.scores import magnitude
-from lightning_sparse.core.selection import select_masks
+from lightning_sparse.distributed import gather_rows
 
 
 class MagnitudePruning(SparsityCallback):
@@ -38,7 +38,7 @@ class MagnitudePruning(SparsityCallback):
         exclude: glob patterns of parameter names to keep dense.
         skip_first: keep the first target dense.
         skip_last: keep the last target dense.
-        update_every: optimizer steps between pruning steps under a scheduler.
+        update_every: optimizer steps between pruning steps under a scheduler (the schedule's end step prunes too).
         at_step: one-shot pruning at this optimizer step (ignores the scheduler); default: step 0 when there is
             no scheduler.
         rewind_to: after every pruning step, reset the kept weights to their values at this optimizer step.
@@ -57,6 +57,8 @@ class MagnitudePruning(SparsityCallback):
         one_shot = [MagnitudePruning(density=0.5, pattern="2:4", at_step=1000)]
         trainer = Trainer(max_epochs=5, callbacks=gmp)
     """
+
+    supports_fsdp2 = True
 
     def __init__(
         self,
@@ -88,30 +90,55 @@ class MagnitudePruning(SparsityCallback):
             return self.final_density
         return super().target_density(step)
 
+    @property
+    def _one_shot(self) -> bool:
+        return self.at_step is not None or self._scheduler is None
+
+    @property
+    def schedule_end(self) -> int:
+        return (self.at_step or 0) if self._one_shot else super().schedule_end
+
+    @property
+    def schedule_argument(self) -> str:
+        return f"at_step={self.at_step}" if self.at_step is not None else super().schedule_argument
+
+    def scheduled_density(self, step: int) -> float:
+        """Dense before a one-shot prune, the final density from it on; else the schedule's density."""
+        if self._one_shot:
+            return self.final_density if step >= (self.at_step or 0) else 1.0
+        return super().scheduled_density(step)
+
     def compute_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, Tensor]:
-        scores = {name: magnitude(param) for name, param in self.masks.params.items()}
+        scores = {name: magnitude(self.masks.local_param(name)) for name in self.masks.params}
         global_density = self.target_density(step) if self.distribution == "global" else None
         densities, fixed = self.layer_densities(step), set(self.layer_overrides)
-        return select_masks(scores, densities, self.masks.patterns, global_density, fixed)
+        return self.select(scores, densities, global_density, fixed)
 
     def on_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         if self.rewind_to is not None and step == self.rewind_to and self.rewind_weights is None:
-            self.rewind_weights = {name: p.detach().clone() for name, p in self.masks.params.items()}
+            self.rewind_weights = {name: self.masks.local_param(name).clone() for name in self.masks.params}
 
     def update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, Tensor]:
         changed = super().update_masks(trainer, pl_module, step)
-        if self.rewind_weights is not None and step > (self.rewind_to or 0):
+        if self.rewind_weights is not None and step > (self.rewind_to or 0) and not self._fit_ending:
             with torch.no_grad():
-                for name, param in self.masks.params.items():
-                    param.copy_(self.rewind_weights[name] * self.masks.masks[name])
+                for name in self.masks.params:
+                    self.masks.local_param(name).copy_(self.rewind_weights[name] * self.masks.masks[name])
         return changed
 
     def extra_state_dict(self) -> dict[str, Any]:
         if self.rewind_weights is None:
             return {}
-        return {"rewind_weights": {name: w.cpu() for name, w in self.rewind_weights.items()}}
+        shards = self.masks.shards
+        return {"rewind_weights": {name: (w if shards[name] is None else gather_rows(w, shards[name])).cpu()
+                                   for name, w in self.rewind_weights.items()}}
 
     def load_extra_state_dict(self, state: dict[str, Any]) -> None:
         weights = state.get("rewind_weights")
         if weights is not None:
-            self.rewind_weights = {name: w.to(self.masks.params[name].device) for name, w in weights.items()}
+            self.rewind_weights = {name: self._local_rows(name, w).to(self.masks.masks[name].device)
+                                   for name, w in weights.items()}
+
+    def _local_rows(self, name: str, whole: Tensor) -> Tensor:
+        shard = self.masks.shards[name]
+        return whole if shard is None else whole[shard.row_offset : shard.row_offset + shard.rows].clone()

@@ -13,6 +13,12 @@ runs when training ends (``bake_at_end=True``), so the model returned by ``fit``
 equal the trained forward and load strictly into a model that never saw this library. So test the fitted model
 (``trainer.test(model)``, ``ckpt_path=None``), not ``ckpt_path="best"``: that reloads dense weights from a checkpoint
 written during training.
+
+A checkpoint saved after the bake (``trainer.save_checkpoint`` after ``fit`` returned, after an early stop or after
+``trainer.validate``/``test``) still resumes exactly: :meth:`~MaskedForwardCallback.bake` first keeps the dense
+weights and the callback's state (on the CPU), checkpoints hold them in the callback's state, and a resumed run puts
+them back at train start. ``bake(keep_training_state=False)`` keeps nothing (no host copy of the weights); a
+checkpoint saved after it is refused by a resume, with a message that says so.
 """
 
 from __future__ import annotations
@@ -24,8 +30,11 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from lightning_sparse.callbacks._run_end import RESUME_WEIGHTS
 from lightning_sparse.callbacks.base import SparsityCallback
 from lightning_sparse.masked_forward import MaskedForward
+
+BAKED = "baked_without_training_state"
 
 
 class MaskedForwardCallback(SparsityCallback):
@@ -39,6 +48,7 @@ class MaskedForwardCallback(SparsityCallback):
     """
 
     hard_mask = False
+    _baked_without_state: bool = False
 
     def __init__(
         self,
@@ -87,16 +97,45 @@ class MaskedForwardCallback(SparsityCallback):
         return self._forward is None
 
     @torch.no_grad()
-    def bake(self) -> None:
+    def bake(self, keep_training_state: bool = True) -> None:
         """Write the effective weights into the parameters and remove the hooks: the plain model now computes what
         the masked forward computed, and its ``state_dict`` is the sparse model. Calling it again does nothing (a
-        second bake would apply a soft mask twice)."""
+        second bake would apply a soft mask twice).
+
+        Args:
+            keep_training_state: first keep the dense weights and the callback's state (a CPU copy of the targets),
+                so that checkpoints saved afterwards still resume exactly; with False they are refused by a resume.
+        """
         if self.baked:
             return
+        if keep_training_state:
+            self.keep_resume_state()
+        self._baked_without_state = not keep_training_state and self._resume_state is None
         for name, weight in self.effective_weights().items():
             self.masks.params[name].copy_(weight)
         self.remove_hooks()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
         if self.bake_at_end:
             self.bake()
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if self._baked_without_state and state:
+            state[BAKED] = True
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        """Refuse to resume from a checkpoint saved after ``bake(keep_training_state=False)``: its weights are the
+        baked ones, not the dense weights training needs."""
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        state = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
+        if state.get(BAKED) and RESUME_WEIGHTS not in state:
+            raise ValueError(
+                f"this checkpoint was saved after {type(self).__name__}.bake(keep_training_state=False): it holds the "
+                "baked (masked) weights, not the dense weights and state training needs. Use it for inference or "
+                "export (trainer.test/validate, load_state_dict, SparseExport), not to resume; for a resumable "
+                "checkpoint, save one before bake() (ModelCheckpoint during fit) or bake with "
+                "keep_training_state=True (the default, also what bake_at_end does)"
+            )

@@ -1,17 +1,58 @@
-"""``SparsityMonitor``: logs actual and target density per layer through ``LightningModule.log``."""
+"""``SparsityMonitor``: logs actual and target density per layer through ``LightningModule.log``.
+
+It also makes the progress bar readable (:func:`readable_progress_bar`): Lightning's default bar (``RichProgressBar``
+when ``rich`` is installed) formats every number with ``.3f``, so the logger's version reads ``v_num: 0.000`` and a
+density of 0.0123 reads 0.012. The bar then shows the version as the logger gives it and ``sparsity/*`` values with
+4 significant digits.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_sparse.callbacks._args import check_int
 from lightning_sparse.callbacks.base import SparsityCallback
 from lightning_sparse.report import SparsityReport, sparsity_report
 from lightning_sparse.targets import default_targets
+
+
+def readable_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Progress-bar items with ``v_num`` as the logger gives it and ``sparsity/*`` numbers to 4 significant digits,
+    both as text (which the bars show as is).
+
+    Example::
+
+        >>> readable_metrics({"v_num": 0, "sparsity/density": 0.012345, "loss": 0.5})
+        {'v_num': '0', 'sparsity/density': '0.01235', 'loss': 0.5}
+    """
+    shown = dict(metrics)
+    if "v_num" in shown and not isinstance(shown["v_num"], str):
+        shown["v_num"] = str(shown["v_num"])
+    for key, value in shown.items():
+        if key.startswith("sparsity/") and isinstance(value, int | float) and not isinstance(value, bool):
+            shown[key] = f"{value:.4g}"
+    return shown
+
+
+class _ReadableMetrics:
+    """``get_metrics`` of a progress bar, passed through :func:`readable_metrics` (picklable, unlike a closure)."""
+
+    def __init__(self, bar: ProgressBar) -> None:
+        self.bar = bar
+
+    def __call__(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        return readable_metrics(type(self.bar).get_metrics(self.bar, trainer, pl_module))
+
+
+def readable_progress_bar(trainer: pl.Trainer) -> None:
+    """Make ``trainer``'s progress bar show :func:`readable_metrics` (once; no bar, nothing to do)."""
+    bar = trainer.progress_bar_callback
+    if bar is not None and not isinstance(bar.__dict__.get("get_metrics"), _ReadableMetrics):
+        bar.get_metrics = _ReadableMetrics(bar)
 
 
 class SparsityMonitor(Callback):
@@ -42,17 +83,24 @@ class SparsityMonitor(Callback):
         self.per_layer = per_layer
         self.last_report: SparsityReport | None = None
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        readable_progress_bar(trainer)
+
     def report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> SparsityReport:
         """The current per-layer report (targets from the sparsity callbacks).
 
         For callbacks that keep dense weights and mask the forward (Spartan, Top-KAST, Supermask), the density is
-        that of the mask the forward uses, not of the dense weights.
+        that of the mask the forward uses, not of the dense weights. When the run is short of a callback's schedule
+        end, its rows also hold the final density ``"asked"``.
         """
-        names, targets, forward_masks = [], {}, {}
+        names, targets, asked, forward_masks = [], {}, {}, {}
+        step = trainer.global_step
         for callback in trainer.callbacks:
             if isinstance(callback, SparsityCallback) and callback.masks is not None:
                 names += [n for n in callback.masks.params if n not in names]
-                targets.update(callback.layer_densities(trainer.global_step))
+                targets.update(callback.layer_densities(step))
+                if step < callback.schedule_end:
+                    asked.update(callback.layer_densities(callback.schedule_end))
                 if not callback.hard_mask:
                     forward_masks.update(callback.masks.masks)
         report = sparsity_report(pl_module, names or default_targets(pl_module), targets)
@@ -60,6 +108,8 @@ class SparsityMonitor(Callback):
             if row["name"] in forward_masks:
                 row["nonzero"] = int(forward_masks[row["name"]].sum())
                 row["density"] = row["nonzero"] / row["numel"]
+            if row["name"] in asked:
+                row["asked"] = asked[row["name"]]
         return report
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:

@@ -1,7 +1,9 @@
 r"""``SparsityScheduler``: the one place where time-varying numbers (density, sharpness, drop fraction) live.
 
 Mask callbacks read their numbers from the scheduler at every optimizer step; the scheduler never touches
-masks. Without a scheduler a mask callback uses its own constant ``density``.
+masks. Without a scheduler a mask callback uses its own constant ``density``. Whatever a callback's ``update_every``,
+its masks reach the final density on the ``end`` step (an update is forced there); a run that ends before ``end``
+warns at train start and at fit end, with the density reached and the one asked.
 
 Density follows (default ``shape="cubic"``, Zhu & Gupta 2017, https://arxiv.org/abs/1710.01878):
 
@@ -12,13 +14,13 @@ Density follows (default ``shape="cubic"``, Zhu & Gupta 2017, https://arxiv.org/
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
+from lightning_sparse.callbacks._run_end import planned_steps
 from lightning_sparse.core.density import check_density
 from lightning_sparse.core.schedules import Schedule, build_schedule
 
@@ -74,14 +76,15 @@ class SparsityScheduler(Callback):
 
     def resolve(self, trainer: pl.Trainer) -> None:
         """Turn fractional ``start``/``end`` into optimizer steps using the run's total steps."""
-        total = trainer.estimated_stepping_batches
-        total = None if total is None or math.isinf(total) else int(total)
+        total = planned_steps(trainer)
         schedules = {
             "density": self.density_schedule,
             "sharpness": self.sharpness_schedule,
             "drop_fraction": self.drop_fraction_schedule,
         }
-        self._resolved = {key: None if s is None else s.resolve(total) for key, s in schedules.items()}
+        owners = {"density": "SparsityScheduler", "sharpness": "SparsityScheduler sharpness",
+                  "drop_fraction": "SparsityScheduler drop_fraction"}
+        self._resolved = {key: None if s is None else s.resolve(total, owners[key]) for key, s in schedules.items()}
 
     def _value(self, key: str, step: int) -> float | None:
         if self._resolved is None:

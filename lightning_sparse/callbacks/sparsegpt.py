@@ -20,6 +20,7 @@ token counts are summed over ranks, so every rank computes the same masks and we
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable, Sequence
 from functools import partial
 from typing import Any
@@ -40,6 +41,7 @@ from lightning_sparse.calibration import (
     shared_input_groups,
 )
 from lightning_sparse.callbacks._args import check_int
+from lightning_sparse.callbacks._run_end import planned_steps
 from lightning_sparse.callbacks.base import SparsityCallback
 from lightning_sparse.core.obs import check_budget, obs_prune
 from lightning_sparse.core.obs_refine import check_refinement
@@ -230,7 +232,8 @@ class SparseGPT(SparsityCallback):
     Args:
         density: fraction of weights kept per layer (unstructured); give this or ``nm``.
         nm: ``"N:M"`` such as ``"2:4"``.
-        at: ``"fit_start"`` or ``"fit_end"``.
+        at: ``"fit_start"``, ``"fit_end"`` or an optimizer step: prune after that step (train dense first, then
+            fine-tune the pruned model with its masks fixed, the "Sparse Llama" flow).
         calibration_batches: number of train batches (per rank) used for the Hessians.
         block_size: columns per lazy OBS block.
         damp: Hessian dampening relative to its mean diagonal.
@@ -259,7 +262,7 @@ class SparseGPT(SparsityCallback):
         self,
         density: float | None = None,
         nm: str | None = None,
-        at: str = "fit_start",
+        at: str | int = "fit_start",
         calibration_batches: int = 32,
         block_size: int = 128,
         damp: float = 0.01,
@@ -276,8 +279,8 @@ class SparseGPT(SparsityCallback):
         super().__init__(
             density, str(pattern) if pattern else "unstructured", include=include, exclude=exclude, seed=seed
         )
-        if at not in ("fit_start", "fit_end"):
-            raise ValueError(f"at must be 'fit_start' or 'fit_end', got {at!r}")
+        if at not in ("fit_start", "fit_end") and (isinstance(at, bool) or not isinstance(at, int) or at < 0):
+            raise ValueError(f"at must be 'fit_start', 'fit_end' or an optimizer step >= 0, got {at!r}")
         self.at = at
         self.calibration_batches = check_int("calibration_batches", calibration_batches, 1)
         self.block_size, self.damp = block_size, float(damp)
@@ -301,16 +304,33 @@ class SparseGPT(SparsityCallback):
         """Dense until the model is pruned, then the final density."""
         return self.final_density if self.pruned else 1.0
 
+    @property
+    def schedule_end(self) -> int:
+        """The step it prunes after: ``at``, 0 for ``"fit_start"``, the run's last planned step for ``"fit_end"``."""
+        if isinstance(self.at, int):
+            return self.at
+        return 0 if self.at == "fit_start" or not math.isfinite(self._last_step) else int(self._last_step)
+
+    def scheduled_density(self, step: int) -> float:
+        """The final density: the model is pruned by fit end at the latest (when training stops early too)."""
+        return self.final_density
+
     def should_update(self, step: int) -> bool:
-        return not self.pruned and (self.at == "fit_start" or step >= self._last_step)
+        if self.pruned:
+            return False
+        if isinstance(self.at, int):
+            return step >= self.at
+        return self.at == "fit_start" or step >= self._last_step
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._last_step = trainer.estimated_stepping_batches
+        planned = planned_steps(trainer)  # unknown (an endless run): prune when fit ends
+        self._last_step = float("inf") if planned is None else planned
         super().on_train_start(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.pruned:
-            self.update_masks(trainer, pl_module, trainer.global_step)
+        if not self.pruned:  # a checkpoint saved after fit keeps the state before this prune, and resumes exactly
+            self.finish_update(trainer, pl_module)
+        super().on_train_end(trainer, pl_module)
 
     def calibration_forward(self, pl_module: pl.LightningModule, batch: Any) -> None:
         """Run one calibration batch (on the module's device) as :func:`~lightning_sparse.calibration.default_forward`

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from lightning_sparse.callbacks._args import check_choice, check_positive, check_step
+from lightning_sparse.callbacks._run_end import planned_steps
 from lightning_sparse.callbacks.masked import MaskedForwardCallback
 from lightning_sparse.callbacks.scheduler import SparsityScheduler, find_scheduler
 from lightning_sparse.callbacks.spartan_budget import Budget, solve_budget
@@ -171,19 +172,27 @@ class Spartan(MaskedForwardCallback):
         super().on_train_start(trainer, pl_module)
 
     def _resolve_schedules(self, trainer: pl.Trainer) -> None:
-        total = trainer.estimated_stepping_batches
-        total = None if total is None or math.isinf(total) else int(total)
+        total = planned_steps(trainer)
         scheduler = find_scheduler(trainer)
+        ramp_end = 1.0 if self.freeze_at is None else self.freeze_at
+        if total is None and (scheduler is None or isinstance(ramp_end, float)):
+            raise ValueError(
+                f"Spartan(freeze_at={self.freeze_at}) needs the run's length, which is unknown here (no max_steps, "
+                "and max_epochs=-1 or a dataloader without a length): its sharpness ramp ends at freeze_at (or at the "
+                "run's end when it is None) and, without a SparsityScheduler, its density ramp at 20% of the run. Set "
+                "max_steps, or give freeze_at as an int step and the density through a SparsityScheduler with int steps"
+            )
         default_density = Schedule(self.density or 1.0, 1.0, 0, WARMUP, "linear").resolve(total)
         self._density_schedule = None if scheduler else default_density
         final = DEFAULT_SHARPNESS if self.sharpness is None else self.sharpness
-        ramp_end = 1.0 if self.freeze_at is None else self.freeze_at
         self._sharpness_schedule = Schedule(final, 1.0, 0, ramp_end, "linear").resolve(total)
         self._freeze_step = None if self.freeze_at is None else resolve_step(self.freeze_at, total)
         density_end = scheduler.window()[1] if scheduler else default_density.end
         if self._freeze_step is not None and self._freeze_step < density_end:
+            fraction = f" (or a fraction >= {density_end / total:.3g} of the run)" if total else ""
             raise ValueError(f"Spartan(freeze_at={self.freeze_at}) freezes the mask at step {self._freeze_step}, "
-                             f"before the density reaches its final value at step {density_end}; freeze later")
+                             f"before the density reaches its final value at step {density_end}; freeze later: "
+                             f"freeze_at={density_end}{fraction}")
 
     # ----------------------------------------------------------------------------------------- numbers
     def target_density(self, step: int) -> float:
@@ -208,6 +217,21 @@ class Spartan(MaskedForwardCallback):
     def frozen(self) -> bool:
         """Whether the mask is frozen (fine-tuning phase)."""
         return self._frozen is not None
+
+    @property
+    def schedule_end(self) -> int:
+        if self._scheduler is None and self._density_schedule is not None:
+            return int(self._density_schedule.end)
+        return super().schedule_end
+
+    @property
+    def schedule_argument(self) -> str:
+        if self._scheduler is None:
+            return f"Spartan's default density ramp over the first {WARMUP:.0%} of the run"
+        return super().schedule_argument
+
+    def final_update_due(self, step: int) -> bool:
+        return not self.frozen and super().final_update_due(step)
 
     def should_update(self, step: int) -> bool:
         if self.frozen:

@@ -247,10 +247,11 @@ class Supermask(MaskedForwardCallback):
         return supermask_weight(weight, self.scores[name], self.masks.masks[name], self.masks.pattern_of(name))
 
     @torch.no_grad()
-    def bake(self) -> None:
+    def bake(self, keep_training_state: bool = True) -> None:
         """Write the masked weights into the parameters, remove the hooks and the score parameters (do not step the
-        optimizer afterwards: it still holds the removed scores)."""
-        super().bake()
+        optimizer afterwards: it still holds the removed scores). ``keep_training_state``: see
+        :meth:`~lightning_sparse.callbacks.masked.MaskedForwardCallback.bake` (the scores are part of that state)."""
+        super().bake(keep_training_state)
         self.remove_scores()
 
     def extra_state_dict(self) -> dict[str, Any]:

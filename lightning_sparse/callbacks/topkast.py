@@ -46,7 +46,7 @@ class TopKAST(MaskedForwardCallback):
         exclude: glob patterns of parameter names to leave dense.
         skip_first: leave the first target dense.
         skip_last: leave the last target dense.
-        update_every: optimizer steps between mask updates.
+        update_every: optimizer steps between mask updates (also at the schedule's end step and at fit end).
         seed: seed of the callback's generator.
         bake_at_end: write the effective weights into the parameters when training ends.
 

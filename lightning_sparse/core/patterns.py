@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -33,6 +34,17 @@ from lightning_sparse.core.masks import topk_mask
 _BLOCK_RE = re.compile(r"^(\d+)x(\d+)$")
 _NM_RE = re.compile(r"^(\d+):(\d+)$")
 PATTERN_HELP = "'unstructured', 'RxC' blocks such as '4x4' or '32x32', or 'N:M' such as '2:4'"
+
+
+def largest_divisor(n: int, at_most: int) -> int:
+    """The largest divisor of ``n`` that is at most ``at_most`` (1 at least).
+
+    Example::
+
+        >>> largest_divisor(64, 7), largest_divisor(48, 32), largest_divisor(7, 3)
+        (4, 24, 1)
+    """
+    return max(d for d in range(1, max(1, min(n, at_most)) + 1) if n % d == 0)
 
 
 def as_matrix_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
@@ -93,10 +105,27 @@ class Blocks:
         """Raise ``ValueError`` when the block does not tile the weight."""
         n_rows, n_cols = as_matrix_shape(shape)
         if n_rows % self.rows or n_cols % self.cols:
+            fitting = self.fitting(n_rows, n_cols)
+            example = f" (e.g. pattern '{fitting}')" if fitting else ""
             raise ValueError(
                 f"pattern {self} does not divide {name} of shape {tuple(shape)} (matrix view {n_rows}x{n_cols}); "
-                f"choose a block whose sides divide {n_rows} and {n_cols}, or exclude {name!r}"
+                f"choose a block whose sides divide {n_rows} and {n_cols}{example}, or exclude {name!r}"
             )
+
+    def fitting(self, n_rows: int, n_cols: int) -> Blocks | None:
+        """The largest block no bigger than this one that tiles an ``n_rows x n_cols`` matrix (square when this one
+        is); None when only 1x1 does.
+
+        Example::
+
+            >>> Blocks(7, 7).fitting(64, 48), Blocks(32, 8).fitting(48, 64)
+            (Blocks(rows=4, cols=4), Blocks(rows=24, cols=8))
+        """
+        if self.rows == self.cols:
+            rows = cols = largest_divisor(math.gcd(n_rows, n_cols), self.rows)
+        else:
+            rows, cols = largest_divisor(n_rows, self.rows), largest_divisor(n_cols, self.cols)
+        return None if rows == cols == 1 else Blocks(rows, cols)
 
     def for_layout(self, transposed: bool) -> Blocks:
         """The pattern on the stored tensor of a weight kept ``(in, out)``: the block's sides swap."""
@@ -156,10 +185,25 @@ class NM:
         """Raise ``ValueError`` when ``m`` does not divide the weight's input dimension."""
         n_cols = shape[0] if self.transposed else as_matrix_shape(shape)[1]
         if n_cols % self.m:
+            fitting = self.fitting(n_cols)
+            example = f" (e.g. pattern '{fitting}', the same density)" if fitting else ""
             raise ValueError(
                 f"pattern {self} needs the input dimension of {name} (shape {tuple(shape)}, {n_cols} inputs) "
-                f"to be divisible by m={self.m}; exclude {name!r} or choose another pattern"
+                f"to be divisible by m={self.m}; exclude {name!r} or choose another pattern{example}"
             )
+
+    def fitting(self, n_cols: int) -> NM | None:
+        """The N:M pattern of the same density with the largest ``m`` no bigger than this one's that divides
+        ``n_cols`` inputs; None when there is none.
+
+        Example::
+
+            >>> NM(2, 4).fitting(6), NM(2, 4).fitting(9)
+            (NM(n=1, m=2), None)
+        """
+        step = self.m // math.gcd(self.n, self.m)
+        ms = [m for m in range(step, self.m + 1, step) if n_cols % m == 0]
+        return NM(self.n * ms[-1] // self.m, ms[-1]) if ms else None
 
     def for_layout(self, transposed: bool) -> NM:
         """The pattern on the stored tensor of a weight kept ``(in, out)``: groups along its first dimension."""

@@ -42,12 +42,19 @@ def _check_point(argument: str, value: int | float) -> None:
         raise ValueError(f"{argument} as an int is an optimizer step and must be >= 0, got {value}")
 
 
-def resolve_step(value: int | float, total_steps: int | None) -> int:
-    """An ``int`` step as it is; a ``float`` fraction times ``total_steps`` (rounded)."""
+def resolve_step(value: int | float, total_steps: int | None, argument: str | None = None) -> int:
+    """An ``int`` step as it is; a ``float`` fraction times ``total_steps`` (rounded). ``argument``: the value as the
+    user wrote it (``"SparsityScheduler(end=0.75)"``), for the error.
+
+    Raises:
+        ValueError: for a fraction when ``total_steps`` is None.
+    """
     if isinstance(value, int):
         return value
     if total_steps is None:
-        raise ValueError(f"a fractional step ({value}) needs the run's total steps; none are known (set max_steps?)")
+        raise ValueError(f"{argument or f'step {value}'} is a fraction of the run, whose length is unknown here (no "
+                         "max_steps, and max_epochs=-1 or a dataloader without a length): set max_steps, or give it "
+                         "as an int optimizer step")
     return round(value * total_steps)
 
 
@@ -71,13 +78,15 @@ class Schedule:
         if self.shape == "exponential" and (self.initial is None or self.initial <= 0 or self.final <= 0):
             raise ValueError(f"shape 'exponential' needs initial and final > 0, got {self.initial}, {self.final}")
 
-    def resolve(self, total_steps: int | None) -> Schedule:
-        """The same schedule with fractional ``start``/``end`` turned into steps.
+    def resolve(self, total_steps: int | None, owner: str = "") -> Schedule:
+        """The same schedule with fractional ``start``/``end`` turned into steps. ``owner``: who holds the schedule,
+        for errors (``"SparsityScheduler"`` names ``SparsityScheduler(end=...)``).
 
         Raises:
-            ValueError: when the resolved ``start`` is after ``end``.
+            ValueError: when the resolved ``start`` is after ``end``, or a fraction meets a run of unknown length.
         """
-        start, end = resolve_step(self.start, total_steps), resolve_step(self.end, total_steps)
+        start = resolve_step(self.start, total_steps, f"{owner}(start={self.start})" if owner else None)
+        end = resolve_step(self.end, total_steps, f"{owner}(end={self.end})" if owner else None)
         if start > end:
             raise ValueError(f"start must not be after end, got start={self.start} -> step {start}, end={self.end}"
                              f" -> step {end}")

@@ -1,5 +1,8 @@
 """Export a dense-with-zeros model to BSR / 2:4 / dense safetensors files, verify it, and load it back.
 
+A Hugging Face model (or a LightningModule holding one, such as ``HFCausalLM``) also gets ``export/hf/``, its
+``save_pretrained`` folder: ``AutoModelForCausalLM.from_pretrained("export/hf")`` loads the pruned model.
+
 Example::
 
     import torch

@@ -7,6 +7,8 @@ Example:
     python -m lightning_sparse.export --config configs/gmp.yaml --ckpt_path runs/gmp/last.ckpt \\
         --out runs/gmp/export --pattern 32x32
     python -m lightning_sparse.export --model lightning_sparse.models.SmallCNN --ckpt_path last.ckpt --out export
+    python -m lightning_sparse.export --model lightning_sparse.models.HFCausalLM --ckpt_path last.ckpt --out export \\
+        --pattern 2:4  # also writes export/hf/, the save_pretrained folder (--no-hf: not)
 """
 
 from __future__ import annotations
@@ -54,7 +56,9 @@ def _from_class_path(class_path: str, ckpt_path: str | Path) -> LightningModule:
     return cls.load_from_checkpoint(ckpt_path, map_location="cpu")
 
 
-def _example_batch(model: LightningModule, datamodule: LightningDataModule | None) -> torch.Tensor | None:
+def _example_batch(
+    model: LightningModule, datamodule: LightningDataModule | None
+) -> torch.Tensor | dict[str, torch.Tensor] | None:
     if datamodule is not None:
         datamodule.prepare_data()
         datamodule.setup("fit")
@@ -73,6 +77,7 @@ def export_checkpoint(
     pattern: str = "32x32",
     include: str | Sequence[str] | None = None,
     verify: bool = True,
+    hf: bool | None = None,
 ) -> Manifest:
     """Exports a checkpoint of any algorithm: its model ``state_dict`` holds the dense weights with zeros.
 
@@ -83,9 +88,12 @@ def export_checkpoint(
             ``"lightning_sparse.models.SmallCNN"`` (built by ``load_from_checkpoint`` from its hyperparameters).
         out_dir: the export directory.
         pattern: ``"RxC"``, ``"2:4"`` or ``"dense"``.
-        include: FQN globs of the Linear / Conv2d layers to convert (see :func:`export_sparse`).
-        verify: check the outputs on a real training batch (config), or on a random batch shaped like the model's
-            ``example_input_array`` (class path); skipped with a warning when neither exists.
+        include: FQN globs of the layers to convert (see :func:`export_sparse`).
+        verify: check the outputs on a real training batch (config; a dict batch is passed as ``model(**batch)``),
+            or on a random batch shaped like the model's ``example_input_array`` (class path); skipped with a
+            warning when neither exists.
+        hf: the Hugging Face folder of a model that holds one (see :func:`export_sparse`): ``None`` when there is
+            one, ``True`` always, ``False`` never.
 
     Returns:
         The written :class:`Manifest`.
@@ -104,7 +112,7 @@ def export_checkpoint(
     example = _example_batch(module, datamodule) if verify else None
     if verify and example is None:
         warnings.warn("export_checkpoint: no batch to verify the outputs on; exporting unverified", stacklevel=2)
-    return export_sparse(module, out_dir, pattern=pattern, include=include, example_input=example)
+    return export_sparse(module, out_dir, pattern=pattern, include=include, example_input=example, hf=hf)
 
 
 def main(argv: Sequence[str] | None = None) -> Manifest:
@@ -117,14 +125,16 @@ def main(argv: Sequence[str] | None = None) -> Manifest:
     parser.add_argument("--ckpt_path", required=True, help="Lightning checkpoint to export")
     parser.add_argument("--out", required=True, help="export directory")
     parser.add_argument("--pattern", default="32x32", help='"RxC" blocks, "2:4" or "dense" (default 32x32)')
-    parser.add_argument("--include", nargs="*", default=None, help="FQN globs of the Linear / Conv2d layers to convert")
+    parser.add_argument("--include", nargs="*", default=None, help="FQN globs of the layers to convert")
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip the output check")
+    parser.add_argument("--no-hf", dest="hf", action="store_const", const=False, default=None,
+                        help="do not write the Hugging Face save_pretrained folder hf/ of a Hugging Face model")
     args = parser.parse_args(argv)
     try:
         source = resolve_config(args.config) if args.config else args.model
     except ValueError as err:
         parser.error(str(err))
-    manifest = export_checkpoint(args.ckpt_path, source, args.out, args.pattern, args.include, args.verify)
+    manifest = export_checkpoint(args.ckpt_path, source, args.out, args.pattern, args.include, args.verify, args.hf)
     error = (manifest.verification or {}).get("max_abs_error")
     checked = "unverified" if error is None else f"verified, max abs error {error:.3g}"
     text = f"exported to {args.out} ({checked})\n{manifest.summary()}"

@@ -1,10 +1,13 @@
 """Which layers an export converts, and why each other layer stays dense (pure: reads weights, changes nothing).
 
-``nn.Linear`` and ``nn.Conv2d`` layers are converted. With ``include=None`` every Linear that fits the pattern and
-holds zeros is converted, and every Conv2d that fits a block pattern and reads few enough of its input channels to
-run faster (:func:`~lightning_sparse.nn.sparse_conv.slow_conv_reason`); any other layer is left dense with a reason.
-A layer named by ``include`` must fit (a named Conv2d converts whatever channels it reads). A Linear pruned in a way
-that breaks the pattern it is exported to (zeros, but not 2:4) is an error in both cases.
+Linear layers (``nn.Linear`` and Hugging Face ``Conv1D``, read on their ``(out, in)`` view, see
+:mod:`lightning_sparse.nn.eligible`) and ``nn.Conv2d`` layers are converted. With ``include=None`` every linear layer
+that fits the pattern and holds zeros is converted, and every Conv2d that fits a block pattern and reads few enough
+of its input channels to run faster (:func:`~lightning_sparse.nn.sparse_conv.slow_conv_reason`); any other layer is
+left dense with a reason. A layer named by ``include`` must fit (a named Conv2d converts whatever channels it reads).
+A linear layer pruned in a way that breaks the pattern it is exported to (zeros, but not 2:4 along its inputs) is an
+error in both cases. A layer whose weight is tied to another module (GPT-2's ``lm_head`` and ``wte``) stays dense,
+and naming it in ``include`` is an error.
 
 Example::
 
@@ -28,14 +31,21 @@ from torch import nn
 from lightning_sparse.core.patterns import as_matrix_shape
 from lightning_sparse.formats.bsr import parse_blocksize
 from lightning_sparse.formats.semi_structured import dense_to_sparse24
+from lightning_sparse.layers import LayerKind, layer_kind
+from lightning_sparse.nn.convert import MHA_OUT_PROJ_REASON
+from lightning_sparse.nn.eligible import describe_view, linear_kind, linear_unfit_reason, tied_reason, tied_weights
 from lightning_sparse.nn.sparse_conv import conv_unfit_reason, slow_conv_reason
 
 PATTERNS_HELP = '"RxC" blocks (e.g. "32x32"), "2:4" or "dense"'
+CONVERTED_KINDS = "nn.Linear, Hugging Face Conv1D and nn.Conv2d"
 
 
 @dataclass
 class LayerPlan:
-    """One layer's fate: ``convert`` it, or keep it dense for ``reason``; ``error`` stops the export."""
+    """One layer's fate: ``convert`` it, or keep it dense for ``reason``; ``error`` stops the export.
+
+    ``kind`` is the layer's kind in :mod:`lightning_sparse.layers` (``None`` for a module no kind describes).
+    """
 
     name: str
     module: nn.Module
@@ -43,14 +53,22 @@ class LayerPlan:
     reason: str | None = None
     error: str | None = None
     stored_density: float | None = None
+    kind: LayerKind | None = None
+
+    def matrix(self) -> torch.Tensor:
+        """The detached ``(out, in)`` view of the weight (a Conv2d's ``(out, in * kh * kw)``)."""
+        weight = self.module._parameters["weight"].detach()
+        return self.kind.as_matrix(weight) if self.kind else weight.reshape(weight.shape[0], -1)
 
     def entry(self) -> dict[str, Any]:
-        """The layer's record in the manifest."""
+        """The layer's record in the manifest (``shape``: as stored; ``matrix_shape``: its ``(out, in)`` view)."""
         weight = self.module._parameters["weight"].detach()
+        view = self.kind.matrix_shape(weight.shape) if self.kind else as_matrix_shape(tuple(weight.shape))
         return {
             "param": f"{self.name}.weight" if self.name else "weight",
             "type": type(self.module).__name__,
             "shape": list(weight.shape),
+            "matrix_shape": list(view),
             "density": torch.count_nonzero(weight).item() / max(weight.numel(), 1),
             "converted": self.convert,
             "stored_density": self.stored_density if self.convert else None,
@@ -94,47 +112,38 @@ def _weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
-def _shape_problem(shape: tuple[int, ...], fmt: str, blocksize: tuple[int, int] | None) -> str | None:
-    n, k = shape
-    if fmt == "bsr" and (n % blocksize[0] or k % blocksize[1]):
-        return f"shape ({n}, {k}) is not divisible by the block {blocksize[0]}x{blocksize[1]}"
-    if fmt == "2:4" and k % 4:
-        return f"in_features {k} is not divisible by 4"
-    return None
-
-
-def _block_fraction(weight: torch.Tensor, blocksize: tuple[int, int]) -> float:
-    (n, k), (r, c) = as_matrix_shape(weight.shape), blocksize
-    return (weight.reshape(n // r, r, k // c, c) != 0).any(dim=3).any(dim=1).float().mean().item()
+def _block_fraction(matrix: torch.Tensor, blocksize: tuple[int, int]) -> float:
+    (n, k), (r, c) = matrix.shape, blocksize
+    return (matrix.reshape(n // r, r, k // c, c) != 0).any(dim=3).any(dim=1).float().mean().item()
 
 
 def _plan_conv(plan: LayerPlan, fmt: str, blocksize: tuple[int, int] | None, explicit: bool) -> None:
-    weight = plan.module.weight.detach()
     problem = conv_unfit_reason(plan.module, fmt, blocksize)
     if problem is not None:
         plan.error, plan.reason = (problem, None) if explicit else (None, problem)
         return
-    plan.reason = None if explicit else slow_conv_reason(weight)
-    plan.stored_density = _block_fraction(weight, blocksize)
+    plan.reason = None if explicit else slow_conv_reason(plan.module.weight.detach())
+    plan.stored_density = _block_fraction(plan.matrix(), blocksize)
     plan.convert = plan.reason is None
 
 
 def _plan_linear(plan: LayerPlan, fmt: str, blocksize: tuple[int, int] | None, explicit: bool) -> None:
-    weight = plan.module.weight.detach()
-    problem = _shape_problem(tuple(weight.shape), fmt, blocksize)
-    if problem is None and fmt == "2:4" and ((weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1) > 2).any():
-        if not explicit and not (weight == 0).any():
+    matrix = plan.matrix()
+    problem = linear_unfit_reason(plan.module, fmt, blocksize)
+    if problem is None and fmt == "2:4" and ((matrix.reshape(matrix.shape[0], -1, 4) != 0).sum(-1) > 2).any():
+        if not explicit and not (matrix == 0).any():
             plan.reason = "the weight has no zeros"
             return
         try:
-            dense_to_sparse24(weight)
-        except ValueError as err:  # the format names the first offending group
-            plan.error = str(err)
+            dense_to_sparse24(matrix)
+        except ValueError as err:  # the format names the first offending group (of the (out, in) view)
+            where = describe_view(plan.kind, plan.module.weight.shape)
+            plan.error = str(err) if where.startswith("shape") else f"{where}: {err}"
             return
     if problem is not None:
         plan.error, plan.reason = (problem, None) if explicit else (None, problem)
         return
-    plan.stored_density = 0.5 if fmt == "2:4" else _block_fraction(weight, blocksize)
+    plan.stored_density = 0.5 if fmt == "2:4" else _block_fraction(matrix, blocksize)
     if not explicit and plan.stored_density == 1.0:
         plan.reason = f"every {blocksize[0]}x{blocksize[1]} block holds a non-zero: BSR would store the whole weight"
         return
@@ -146,42 +155,47 @@ def plan_layers(model: nn.Module, pattern: str, include: Sequence[str] | str | N
 
     Args:
         model: the dense-with-zeros model.
-        pattern: ``"RxC"`` blocks, ``"2:4"`` or ``"dense"`` (nothing converted).
-        include: FQN globs of the Linear / Conv2d layers to convert, matched against the module name or
-            ``<name>.weight``; ``None``: every layer that fits and is worth converting (see the module docstring).
+        pattern: ``"RxC"`` blocks, ``"2:4"`` or ``"dense"`` (nothing converted); read on each layer's ``(out, in)``
+            view (2:4 along the input dimension: dim 0 of a Hugging Face ``Conv1D`` weight).
+        include: FQN globs of the layers to convert, matched against the module name or ``<name>.weight``;
+            ``None``: every layer that fits and is worth converting (see the module docstring).
 
     Returns:
         One :class:`LayerPlan` per layer; plans with an ``error`` must stop an export.
 
     Raises:
-        ValueError: on a bad ``pattern``, or an ``include`` glob that matches no ``nn.Linear`` or ``nn.Conv2d``.
+        ValueError: on a bad ``pattern``, or an ``include`` glob that matches no ``nn.Linear``, Hugging Face
+            ``Conv1D`` or ``nn.Conv2d``.
         TypeError: if ``include`` is not a glob or a list of globs.
     """
     fmt, blocksize = parse_export_pattern(pattern)
     include = check_include(include)
     mha = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
     out_projs = {f"{n}.out_proj" if n else "out_proj" for n in mha}
+    tied = tied_weights(model)
     plans, used = [], set()
     for name, module in _weight_layers(model):
-        plan = LayerPlan(name, module)
+        plan = LayerPlan(name, module, kind=layer_kind(module))
         plans.append(plan)
         globs = [g for g in include or () if fnmatchcase(name, g) or fnmatchcase(f"{name}.weight", g)]
-        if not isinstance(module, nn.Linear | nn.Conv2d):
-            plan.reason = f"{type(module).__name__} layers are not converted (only nn.Linear and nn.Conv2d)"
+        linear = linear_kind(module) is not None
+        if not (linear or isinstance(module, nn.Conv2d)):
+            plan.reason = f"{type(module).__name__} layers are not converted (only {CONVERTED_KINDS})"
             continue
         used.update(globs)
         if fmt == "dense":
             plan.reason = "pattern 'dense' converts no layer"
-        elif name in out_projs:
-            plan.reason = "nn.MultiheadAttention.out_proj stays dense (MHA reads its weight directly)"
+        elif name in out_projs or name in tied:
+            plan.reason = MHA_OUT_PROJ_REASON if name in out_projs else tied_reason(tied[name])
             plan.error = plan.reason if globs else None
         elif include is not None and not globs:
             plan.reason = "not matched by include"
-        elif isinstance(module, nn.Conv2d):
-            _plan_conv(plan, fmt, blocksize, explicit=bool(globs))
-        else:
+        elif linear:
             _plan_linear(plan, fmt, blocksize, explicit=bool(globs))
+        else:
+            _plan_conv(plan, fmt, blocksize, explicit=bool(globs))
     unused = [g for g in include or () if g not in used]
     if unused:
-        raise ValueError(f"include glob {unused[0]!r} matches no nn.Linear or nn.Conv2d of the model")
+        kinds = CONVERTED_KINDS.replace(" and ", " or ")
+        raise ValueError(f"include glob {unused[0]!r} matches no {kinds} of the model")
     return plans

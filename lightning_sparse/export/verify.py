@@ -1,4 +1,5 @@
-"""Checks that a model with its Linear layers swapped for sparse ones computes what the dense-with-zeros model does.
+"""Checks that a model with layers swapped in (sparse layers, a reloaded Hugging Face model) computes what the
+dense-with-zeros model does.
 
 Example::
 
@@ -77,42 +78,100 @@ def swapped(model: nn.Module, layers: Mapping[str, nn.Module]) -> Iterator[nn.Mo
             setattr(model.get_submodule(parent), child, layer)
 
 
-def check_example_input(example_input: Any) -> tuple[Tensor, ...]:
-    """The model's positional inputs from a Tensor or a tuple/list of Tensors.
+ModelInput = Tensor | tuple[Tensor, ...] | Mapping[str, Tensor]
+"""A real batch: a Tensor, a tuple of positional inputs, or a dict of keyword inputs (``model(**batch)``: a Hugging
+Face batch ``{"input_ids", "attention_mask", ...}``)."""
+
+
+def check_example_input(example_input: Any) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
+    """The model's positional and keyword inputs from a Tensor, a tuple/list of Tensors or a dict of Tensors.
 
     Raises:
         TypeError: for anything else.
     """
-    args = tuple(example_input) if isinstance(example_input, tuple | list) else (example_input,)
-    if not args or not all(isinstance(a, Tensor) for a in args):
-        raise TypeError(f"example_input must be a Tensor or a tuple of Tensors, got {type(example_input).__name__}")
-    return args
+    if isinstance(example_input, Mapping):
+        kwargs = dict(example_input)
+        if kwargs and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in kwargs.items()):
+            return (), kwargs
+    else:
+        args = tuple(example_input) if isinstance(example_input, tuple | list) else (example_input,)
+        if args and all(isinstance(a, Tensor) for a in args):
+            return args, {}
+    raise TypeError(
+        "example_input must be a Tensor, a tuple of Tensors or a dict of Tensors (keyword inputs), got "
+        f"{type(example_input).__name__}"
+    )
 
 
-def _capture(model: nn.Module, names: list[str], args: tuple) -> tuple[Any, dict[str, tuple[Tensor, Tensor]]]:
-    seen: dict[str, tuple[Tensor, Tensor]] = {}
+def move_input(example_input: ModelInput, device: torch.device | str, dtype: torch.dtype | None = None) -> ModelInput:
+    """``example_input`` on ``device``, its floating-point tensors cast to ``dtype`` (when given); same structure."""
+
+    def move(t: Tensor) -> Tensor:
+        return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
+
+    args, kwargs = check_example_input(example_input)
+    if kwargs:
+        return {k: move(v) for k, v in kwargs.items()}
+    return move(args[0]) if isinstance(example_input, Tensor) else tuple(move(a) for a in args)
+
+
+def run_model(model: nn.Module, example_input: ModelInput) -> Any:
+    """``model(*args)`` or ``model(**kwargs)`` on ``example_input``."""
+    args, kwargs = check_example_input(example_input)
+    return model(*args, **kwargs)
+
+
+def batch_size(example_input: ModelInput) -> int:
+    """Rows of the first input tensor (``1`` for a 0-d tensor)."""
+    args, kwargs = check_example_input(example_input)
+    first = args[0] if args else next(iter(kwargs.values()))
+    return first.shape[0] if first.dim() else 1
+
+
+def input_shapes(example_input: ModelInput) -> list[list[int]] | dict[str, list[int]]:
+    """The shapes of a model input: a list for positional inputs, a dict for keyword inputs."""
+    args, kwargs = check_example_input(example_input)
+    return {k: list(v.shape) for k, v in kwargs.items()} if kwargs else [list(a.shape) for a in args]
+
+
+def _capture(model: nn.Module, names: list[str], args: tuple, kwargs: dict) -> tuple[Any, dict[str, tuple]]:
+    seen: dict[str, tuple] = {}
 
     def record(name: str) -> Any:
-        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-            seen.setdefault(name, (inputs[0], output))  # first call of a shared layer
+        def hook(module: nn.Module, inputs: tuple, kw: dict, output: Any) -> None:
+            seen.setdefault(name, (inputs, kw, output))  # first call of a shared layer
 
         return hook
 
-    hooks = [model.get_submodule(name).register_forward_hook(record(name)) for name in names]
+    hooks = [model.get_submodule(name).register_forward_hook(record(name), with_kwargs=True) for name in names]
     try:
-        return model(*args), seen
+        return model(*args, **kwargs), seen
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def _compare(actual: Any, expected: Any, rtol: float, atol: float) -> list[tuple[float, float]]:
+    """:func:`_excess` of every output tensor pair.
+
+    Raises:
+        ValueError: if the outputs hold different numbers of tensors.
+    """
+    actual, expected = output_tensors(actual), output_tensors(expected)
+    if len(actual) != len(expected):
+        raise ValueError(f"the swapped-in model returns {len(actual)} tensors, the dense model {len(expected)}")
+    return [_excess(a, e, rtol, atol) for a, e in zip(actual, expected, strict=True)]
 
 
 @torch.no_grad()
 def verify_outputs(
     model: nn.Module,
     layers: Mapping[str, nn.Module],
-    example_input: Tensor | tuple[Tensor, ...],
+    example_input: ModelInput,
     rtol: float | None = None,
     atol: float | None = None,
+    *,
+    subject: str = "the sparse model",
 ) -> dict[str, Any]:
     """Runs ``model`` on ``example_input`` as it is and with ``layers`` swapped in; the outputs must match.
 
@@ -122,32 +181,40 @@ def verify_outputs(
     Args:
         model: the dense-with-zeros model (left unchanged).
         layers: module FQN -> replacement module (e.g. :class:`~lightning_sparse.nn.SparseLinear`).
-        example_input: a real batch: a Tensor, or a tuple of the model's positional inputs.
+        example_input: a real batch: a Tensor, a tuple of the model's positional inputs, or a dict of its keyword
+            inputs (``model(**example_input)``, e.g. a Hugging Face batch).
         rtol: relative tolerance (default: per output dtype, :data:`DEFAULT_TOLERANCES`).
         atol: absolute tolerance (default: per output dtype).
+        subject: what the swapped-in model is called in the error message.
 
     Returns:
-        ``{"max_abs_error", "rtol", "atol", "worst_layer", "worst_layer_error", "input_shape"}``.
+        ``{"max_abs_error", "rtol", "atol", "worst_layer", "worst_layer_error", "input_shape"}`` (``input_shape``: a
+        list of shapes of positional inputs, a dict of shapes of keyword inputs).
 
     Raises:
-        TypeError: if ``example_input`` is not a Tensor or a tuple of Tensors.
+        TypeError: if ``example_input`` is not a Tensor, a tuple of Tensors or a dict of Tensors.
         ValueError: if any output differs beyond tolerance (naming the max error and the worst layer).
     """
     device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
-    args = tuple(a.to(device) for a in check_example_input(example_input))
+    args, kwargs = check_example_input(example_input)
+    args = tuple(a.to(device) for a in args)
+    kwargs = {k: v.to(device) for k, v in kwargs.items()}
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
-        dense, seen = _capture(model, [name for name in layers if name], args)
+        dense, seen = _capture(model, [name for name in layers if name], args, kwargs)
         with swapped(model, layers) as root:
-            sparse = root(*args)
+            sparse = root(*args, **kwargs)
     finally:
         for module, mode in modes.items():
             module.train(mode)
-    expected, actual = output_tensors(dense), output_tensors(sparse)
+    expected = output_tensors(dense)
     rtol, atol = tolerances(expected[0].dtype if expected else torch.float32, rtol, atol)
-    checks = [_excess(a, e, rtol, atol) for a, e in zip(actual, expected, strict=True)]
-    per_layer = {name: _excess(layers[name](x), y, rtol, atol)[0] for name, (x, y) in seen.items()}
+    checks = _compare(sparse, dense, rtol, atol)
+    per_layer = {
+        name: max((c[0] for c in _compare(layers[name](*a, **kw), y, rtol, atol)), default=0.0)
+        for name, (a, kw, y) in seen.items()
+    }
     worst = max(per_layer, key=per_layer.get, default=None)
     report = {
         "max_abs_error": max((c[0] for c in checks), default=0.0),
@@ -155,12 +222,12 @@ def verify_outputs(
         "atol": atol,
         "worst_layer": worst,
         "worst_layer_error": per_layer.get(worst),
-        "input_shape": [list(a.shape) for a in args],
+        "input_shape": input_shapes(example_input),
     }
     if any(c[1] > 0 for c in checks):
         layer = f"; worst layer {worst!r} (max abs error {per_layer[worst]:.3g} on its own input)" if worst else ""
         raise ValueError(
-            f"the sparse model's outputs differ from the dense-with-zeros model's on example_input: max abs error "
+            f"{subject}'s outputs differ from the dense-with-zeros model's on example_input: max abs error "
             f"{report['max_abs_error']:.3g} exceeds atol={atol} + rtol={rtol} * |dense|{layer}"
         )
     return report

@@ -30,6 +30,7 @@ from lightning_sparse.formats.bsr import bsr_to_torch
 from lightning_sparse.formats.semi_structured import to_torch_semi_structured
 from lightning_sparse.kernels.bsr_matmul import bsr_linear
 from lightning_sparse.kernels.sparse24_matmul import sparse24_linear
+from lightning_sparse.nn.eligible import linear_kind
 from lightning_sparse.nn.sparse_conv import SparseConv2d
 from lightning_sparse.nn.sparse_linear import SparseLinear
 
@@ -53,18 +54,19 @@ def _torch_bsr_mm(sparse: SparseLinear, x: Tensor) -> Callable[[], Tensor]:
     return lambda: _triton_ops.bsr_dense_mm(weight, x_t).T + (0 if bias is None else bias)
 
 
-def _torch_semi_structured(linear: nn.Linear, x: Tensor) -> Callable[[], Tensor]:
-    weight = to_torch_semi_structured(linear.weight.detach())
-    return lambda: F.linear(x, weight, linear.bias)
+def _torch_semi_structured(weight: Tensor, bias: Tensor | None, x: Tensor) -> Callable[[], Tensor]:
+    weight = to_torch_semi_structured(weight.contiguous())
+    return lambda: F.linear(x, weight, bias)
 
 
 def linear_candidates(
-    linear: nn.Linear, x: Tensor, fmt: str, blocksize: tuple[int, int] | None
+    linear: nn.Module, x: Tensor, fmt: str, blocksize: tuple[int, int] | None
 ) -> dict[str, Callable[[], Tensor]]:
     """Callables computing ``linear(x)``: dense, :class:`SparseLinear`, and on CUDA our kernel and torch's peer.
 
     Args:
-        linear: the dense-with-zeros layer (on the device and in the dtype to time).
+        linear: the dense-with-zeros ``nn.Linear`` or Hugging Face ``Conv1D`` (on the device and in the dtype to
+            time); every candidate multiplies by its ``(out, in)`` view (a ``Conv1D``'s transpose).
         x: ``(tokens, in_features)`` input.
         fmt: ``"bsr"`` or ``"2:4"``.
         blocksize: BSR block shape.
@@ -72,8 +74,14 @@ def linear_candidates(
     Returns:
         ``{name: fn}``; a torch peer that cannot be built is a callable raising why, which
         :func:`check_candidates` reports.
+
+    Raises:
+        TypeError: if ``linear`` is not a linear layer.
     """
-    weight, bias = linear.weight.detach(), linear.bias
+    kind = linear_kind(linear)
+    if kind is None:
+        raise TypeError(f"linear must be an nn.Linear or a Hugging Face Conv1D, got {type(linear).__name__}")
+    weight, bias = kind.as_matrix(linear.weight.detach()), linear.bias
     sparse = SparseLinear.from_dense(linear, format=fmt, blocksize=blocksize or 1)
     fns: dict[str, Callable[[], Tensor]] = {DENSE: lambda: F.linear(x, weight, bias), SPARSE: lambda: sparse(x)}
     if x.is_cuda:
@@ -81,7 +89,7 @@ def linear_candidates(
         fns[kernel.__name__] = lambda: kernel(x, sparse.sparse_weight(), bias, skip_checks=True)
         peer_name, peer = ("torch bsr_dense_mm", _torch_bsr_mm) if fmt == "bsr" else ("torch semi-structured", None)
         try:
-            fns[peer_name] = peer(sparse, x) if peer is not None else _torch_semi_structured(linear, x)
+            fns[peer_name] = peer(sparse, x) if peer is not None else _torch_semi_structured(weight, bias, x)
         except Exception as err:  # a missing backend must not hide the other rows
             fns[peer_name] = _raiser(err)
     return fns

@@ -17,6 +17,7 @@ from lightning_sparse.formats.bsr import (
 )
 from lightning_sparse.formats.semi_structured import Sparse24Weight, dense_to_sparse24, sparse24_to_dense
 from lightning_sparse.kernels import bsr_linear, has_triton, sparse24_linear
+from lightning_sparse.nn.eligible import linear_kind
 
 __all__ = ["SparseLinear"]
 
@@ -156,33 +157,41 @@ class SparseLinear(nn.Module):
     @classmethod
     def from_dense(
         cls,
-        linear_or_weight: nn.Linear | Tensor,
+        linear_or_weight: nn.Module | Tensor,
         bias: Tensor | None = None,
         format: str = "bsr",
         blocksize: int | tuple[int, int] | str = (32, 32),
         backend: str = "auto",
     ) -> "SparseLinear":
-        """Builds the layer from a dense-with-zeros ``nn.Linear`` or ``(N, K)`` weight (plus optional bias).
+        """Builds the layer from a dense-with-zeros linear layer or ``(N, K)`` weight (plus optional bias).
 
+        A linear layer is an ``nn.Linear`` or a Hugging Face ``Conv1D`` (GPT-2), whose ``(in, out)`` weight is
+        stored transposed, as its ``(out, in)`` view: the sparse layer computes the same function.
         The stored weight is exact: BSR keeps every block with a non-zero; 2:4 requires a 2:4 weight.
 
         Args:
-            linear_or_weight: an ``nn.Linear`` (its bias is used unless ``bias`` is given) or a 2-D weight tensor.
+            linear_or_weight: an ``nn.Linear`` or HF ``Conv1D`` (its bias is used unless ``bias`` is given) or a
+                2-D ``(out, in)`` weight tensor.
             bias: optional ``(N,)`` bias.
             format: ``"bsr"`` or ``"2:4"``.
             blocksize: BSR block shape (int, ``(R, C)`` or ``"RxC"``).
             backend: see the class docstring.
 
         Raises:
-            TypeError: if ``linear_or_weight`` is neither an ``nn.Linear`` nor a tensor.
+            TypeError: if ``linear_or_weight`` is neither a linear layer nor a tensor.
             ValueError: as :class:`SparseLinear`, or from the format conversion (shape not divisible, not 2:4).
         """
-        if isinstance(linear_or_weight, nn.Linear):
-            weight, bias = linear_or_weight.weight, linear_or_weight.bias if bias is None else bias
+        kind = linear_kind(linear_or_weight) if isinstance(linear_or_weight, nn.Module) else None
+        if kind is not None:
+            weight = kind.as_matrix(linear_or_weight.weight)
+            bias = linear_or_weight.bias if bias is None else bias
         elif isinstance(linear_or_weight, Tensor):
             weight = linear_or_weight
         else:
-            raise TypeError(f"linear_or_weight must be an nn.Linear or a Tensor, got {type(linear_or_weight).__name__}")
+            raise TypeError(
+                "linear_or_weight must be an nn.Linear, a Hugging Face Conv1D or a Tensor, got "
+                f"{type(linear_or_weight).__name__}"
+            )
         weight = weight.detach()
         if weight.dim() != 2:
             raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")

@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from lightning_sparse.callbacks import KernelBenchmark, MagnitudePruning
+from lightning_sparse.kernels.timing import linear_candidates
 from lightning_sparse.models import SmallCNN
 from tests.harness import harness_data, plain_model
 
 FAST = {"warmup": 0.5, "rep": 2.0}
+CONV1D_REASON = "Conv1d layers are not converted (only nn.Linear, Hugging Face Conv1D and nn.Conv2d)"
 
 
 def fit(root, *callbacks):
@@ -33,7 +35,7 @@ def test_writes_a_ratio_per_layer_on_cpu(tmp_path, capsys):
     assert results == json.loads(json.dumps(benchmark.results))
     assert results["device"] == "cpu" and results["pattern"] == "4x4"
     rows = {row["name"]: row for row in results["layers"]}
-    assert rows["conv"]["reason"] == "Conv1d layers are not converted (only nn.Linear and nn.Conv2d)"
+    assert rows["conv"]["reason"] == CONV1D_REASON
     assert "speedup" not in rows["conv"]
     for name in ("body.0", "body.2", "head"):
         row = rows[name]
@@ -109,3 +111,30 @@ def test_times_conv_layers_and_the_whole_cnn(tmp_path, capsys):
     again = KernelBenchmark(dirpath=tmp_path, tokens=5, pattern="16x16", **FAST).benchmark(trainer, model)
     rows = {row["name"]: row for row in again["layers"]}
     assert rows["classifier.1"]["tokens"] == 5 and rows["features.3"]["input_shape"] == [16, 16, 4, 4]  # from the batch
+
+
+def test_gpt2_conv1d_layers_are_timed_at_their_out_in_shape(tmp_path):
+    pytest.importorskip("transformers")
+    from tests.hf_models import HF_GPT2, text_batches
+
+    benchmark = KernelBenchmark(dirpath=tmp_path, pattern="2:4", **FAST)
+    trainer = pl.Trainer(
+        max_steps=1, callbacks=[MagnitudePruning(density=0.5, pattern="2:4"), benchmark], accelerator="cpu",
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(HF_GPT2.make(), text_batches(1))
+    rows = {row["name"]: row for row in benchmark.results["layers"]}
+    fc = rows["model.transformer.h.0.mlp.c_fc"]  # Conv1D(nf=64, nx=16): stored (16, 64)
+    assert (fc["type"], fc["shape"], fc["matrix_shape"]) == ("Conv1D", [16, 64], [64, 16])
+    assert fc["tokens"] == 4 * 16 and fc["errors"] == {} and positive(fc["speedup"])  # a dict batch of 4 x 16 ids
+    assert rows["model.lm_head"]["reason"].startswith("its weight is tied to 'model.transformer.wte.weight'")
+    assert benchmark.results["model"]["inputs"] == 4 and positive(benchmark.results["model"]["speedup"])
+    again = KernelBenchmark(dirpath=tmp_path, tokens=3, pattern="2:4", **FAST).benchmark(trainer, trainer.model)
+    proj = {row["name"]: row for row in again["layers"]}["model.transformer.h.1.mlp.c_proj"]
+    assert proj["tokens"] == 3 and proj["matrix_shape"] == [16, 64] and proj["errors"] == {}
+
+
+def test_linear_candidates_need_a_linear_layer():
+    with pytest.raises(TypeError, match="linear must be an nn.Linear or a Hugging Face Conv1D, got Conv2d"):
+        linear_candidates(torch.nn.Conv2d(2, 2, 1), torch.randn(2, 2), "2:4", None)

@@ -333,5 +333,5 @@ def test_scheduler_density_ramp_is_ignored_with_a_warning():
 
 
 def test_infinite_run_is_rejected():
-    with pytest.raises(ValueError, match="needs a finite run"):
+    with pytest.raises(ValueError, match=r"RigL\(stop_at=0.75\) needs the run's length .* set max_steps"):
         _fit([RigL(density=0.1)], max_steps=-1, max_epochs=-1)

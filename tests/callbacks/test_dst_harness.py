@@ -57,6 +57,23 @@ def test_ddp(case, tmp_path):
     harness.check_ddp(case, tmp_path)
 
 
+# DST is sparse at its final density from step 0, whatever update_every is (a scheduler's ramp is not used)
+FINAL = [*PRESETS, _case("rigl-scheduled-every-4", RigL, update_every=4, scheduler={"density": 0.1, "end": 0.75})]
+
+
+@pytest.mark.parametrize("case", FINAL, ids=[c.name for c in FINAL])
+def test_final_density(case, tmp_path):
+    harness.check_final_density(case, tmp_path)
+
+
+RESUME = [PRESETS[0], PRESETS[1], VARIANTS[2], VARIANTS[3]]  # SET, RigL, momentum redistribution, scheduled
+
+
+@pytest.mark.parametrize("case", RESUME, ids=[c.name for c in RESUME])
+def test_resume_after_fit(case, tmp_path):
+    harness.check_resume_after_fit(case, tmp_path)
+
+
 @pytest.mark.parametrize("case", ALL, ids=[c.name for c in ALL])
 def test_pickle_and_yaml(case):
     harness.check_pickle(case)

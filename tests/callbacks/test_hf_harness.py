@@ -21,7 +21,7 @@ from lightning_sparse.callbacks import (  # noqa: E402
     TopKAST,
 )
 from tests import harness  # noqa: E402
-from tests.hf_models import HF_MODELS  # noqa: E402
+from tests.hf_models import HF_GPT2, HF_MODELS  # noqa: E402
 
 
 def _case(name: str, make) -> harness.AlgorithmCase:
@@ -62,6 +62,24 @@ def test_fit_and_resume(spec, case, tmp_path):
 
 
 DDP_GRID = [(spec, case) for spec, case in GRID if case.name in DDP]
+
+# GPT-2 only (Conv1D weights stored (in, out), a tied head), to keep the suite fast: the schedule ends at step 6 and
+# update_every=4 does not divide it; a masked-forward algorithm bakes at fit end and must still resume after it
+FINAL = [_case("TopKAST-scheduled-every-4", lambda: [SparsityScheduler(density=0.25, end=0.75),
+                                                     TopKAST(update_every=4)]),
+         _case("gmp-2:4-every-4", lambda: [SparsityScheduler(density=0.5, end=0.75),
+                                           MagnitudePruning(update_every=4, pattern="2:4")])]
+RESUME = [case for case in CASES if case.name == "Supermask-4x4"]  # scores removed at the bake, tied head
+
+
+@pytest.mark.parametrize("case", FINAL, ids=[case.name for case in FINAL])
+def test_final_density(case, tmp_path):
+    harness.check_final_density(case, tmp_path, spec=HF_GPT2)
+
+
+@pytest.mark.parametrize("case", RESUME, ids=[case.name for case in RESUME])
+def test_resume_after_fit(case, tmp_path):
+    harness.check_resume_after_fit(case, tmp_path, spec=HF_GPT2)
 
 
 @pytest.mark.ddp

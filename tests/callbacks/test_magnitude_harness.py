@@ -49,6 +49,30 @@ def test_ddp(case, tmp_path):
     harness.check_ddp(case, tmp_path)
 
 
+# update_every=4 does not divide the schedule's end step 6 (end=0.75 of 8 steps), nor at_step=5
+FINAL = [
+    _case("gmp-every-4", True, update_every=4),
+    _case("gmp-global-4x4-every-4", True, update_every=4, pattern="4x4", distribution="global"),
+    _case("imp-rewind-every-4", True, update_every=4, rewind_to=0),
+    _case("one-shot-step-5", False, density=0.3, at_step=5),
+]
+
+
+@pytest.mark.parametrize("case", FINAL, ids=[c.name for c in FINAL])
+def test_final_density(case, tmp_path):
+    harness.check_final_density(case, tmp_path)
+
+
+# global 4x4, IMP rewind, one-shot, and updates every 3: the early stop at step 4 falls between two updates, so the
+# masks are updated at fit end (optimizer state untouched) and the checkpoint keeps the state from before that update
+RESUME = [CASES[4], CASES[6], FINAL[3], _case("gmp-every-3", True, update_every=3)]
+
+
+@pytest.mark.parametrize("case", RESUME, ids=[c.name for c in RESUME])
+def test_resume_after_fit(case, tmp_path):
+    harness.check_resume_after_fit(case, tmp_path)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_pickle_and_yaml(case):
     harness.check_pickle(case)

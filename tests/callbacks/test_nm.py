@@ -34,6 +34,21 @@ def test_harness_ddp(tmp_path):
     harness.check_ddp(CASES[1], tmp_path)
 
 
+# at_step=5 and reselect_every=2: the selection at step 5 is not on the reselection grid of 2
+FINAL = [_case("2:4-at-step-5", n=2, m=4, at_step=5), _case("1:4-at-5-reselect-2", n=1, m=4, at_step=5,
+                                                              reselect_every=2)]
+
+
+@pytest.mark.parametrize("case", FINAL, ids=[c.name for c in FINAL])
+def test_harness_final_density(case, tmp_path):
+    harness.check_final_density(case, tmp_path)
+
+
+@pytest.mark.parametrize("case", [CASES[0], FINAL[1]], ids=[CASES[0].name, FINAL[1].name])
+def test_harness_resume_after_fit(case, tmp_path):
+    harness.check_resume_after_fit(case, tmp_path)
+
+
 def test_every_group_keeps_exactly_n_of_m():
     torch.manual_seed(0)
     model, nm = harness.HarnessNet(), NMSparsity(n=2, m=4)

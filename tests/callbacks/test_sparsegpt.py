@@ -105,7 +105,8 @@ def test_errors(kwargs, error, match):
     ("kwargs", "match"),
     [
         ({}, "exactly one of density"),
-        ({"density": 0.5, "at": "epoch_end"}, "at must be 'fit_start' or 'fit_end'"),
+        ({"density": 0.5, "at": "epoch_end"}, "at must be 'fit_start', 'fit_end' or an optimizer step >= 0, got 'epoc"),
+        ({"density": 0.5, "at": -1}, "at must be 'fit_start', 'fit_end' or an optimizer step >= 0, got -1"),
         ({"density": 0.5, "calibration_batches": 0}, "calibration_batches must be >= 1"),
         ({"density": 0.5, "damp": -1}, "damp must be a number >= 0"),
         ({"nm": "2:8:4"}, "pattern must be"),

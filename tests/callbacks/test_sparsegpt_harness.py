@@ -30,6 +30,23 @@ def test_ddp(tmp_path):
     harness.check_ddp(_case("2:4", nm="2:4"), tmp_path)
 
 
+FINAL = [CASES[0], CASES[1], _case("2:4-at-step-5", nm="2:4", at=5)]
+
+
+@pytest.mark.parametrize("case", FINAL, ids=[c.name for c in FINAL])
+def test_final_density(case, tmp_path):
+    harness.check_final_density(case, tmp_path)
+
+
+# pruned at fit start; pruned at fit end (after the early stop too: its checkpoint keeps the state before)
+RESUME = [CASES[0], CASES[1]]
+
+
+@pytest.mark.parametrize("case", RESUME, ids=[c.name for c in RESUME])
+def test_resume_after_fit(case, tmp_path):
+    harness.check_resume_after_fit(case, tmp_path)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_pickle_and_yaml(case):
     harness.check_pickle(case)

@@ -22,7 +22,7 @@ def _fit(callbacks, model=None, data=None, **kwargs):
         callbacks=callbacks, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=False, num_sanity_val_steps=0, **{"max_epochs": 2, **kwargs},
     )
-    trainer.fit(model, data or harness.harness_data())
+    trainer.fit(model, harness.harness_data() if data is None else data)
     return model
 
 
@@ -170,6 +170,11 @@ def test_constructor_rejects_bad_arguments(kwargs, error, match):
         Spartan(**kwargs)
 
 
+class _NoLength(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield from harness.harness_data().dataset
+
+
 def test_setup_and_schedule_errors():
     with pytest.raises(ValueError, match="needs a sharpness > 0"):
         _fit([SparsityScheduler(0.25, sharpness=-1.0), Spartan()])
@@ -178,7 +183,11 @@ def test_setup_and_schedule_errors():
     with pytest.raises(ValueError, match=r"pattern=.3x3. \(3x3 blocks of the \(out, in\) view\) does not tile "
                        r"conv.weight: a Conv1d weight stored as \(8, 4, 2\)"):
         _fit([Spartan(density=0.25, pattern="3x3")])
-    with pytest.raises(ValueError, match="before the density reaches its final value at step 6"):
+    endless = torch.utils.data.DataLoader(_NoLength(), batch_size=16)
+    with pytest.raises(ValueError, match=r"^Spartan\(freeze_at=0.8\) needs the run's length, which is unknown here"):
+        _fit([Spartan(density=0.25)], data=endless, max_epochs=1)
+    with pytest.raises(ValueError, match="before the density reaches its final value at step 6; freeze later: "
+                       r"freeze_at=6 \(or a fraction >= 0.75 of the run\)"):
         _fit([SparsityScheduler(0.25, end=0.75), Spartan(freeze_at=0.5)])
     scores = torch.rand(10)
     with pytest.raises(ValueError, match="costs must have the shape of scores"):

@@ -41,6 +41,27 @@ def test_ddp(tmp_path):
     harness.check_ddp(CASES[1], tmp_path)
 
 
+# the default ramp ends at step 2 (20% of 8), the scheduler's at step 5: neither on the update grid of 3
+FINAL = [
+    _case("default-ramp-every-3", density=0.25, update_every=3, freeze_at=None),
+    _case("scheduled-end-5-every-3", {"density": 0.25, "end": 5}, distribution="global", update_every=3,
+          freeze_at=0.75),
+]
+
+
+@pytest.mark.parametrize("case", FINAL, ids=[c.name for c in FINAL])
+def test_final_density(case, tmp_path):
+    harness.check_final_density(case, tmp_path)
+
+
+RESUME = [CASES[1], FINAL[1]]
+
+
+@pytest.mark.parametrize("case", RESUME, ids=[c.name for c in RESUME])
+def test_resume_after_fit(case, tmp_path):
+    harness.check_resume_after_fit(case, tmp_path)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_pickle_and_yaml(case):
     harness.check_pickle(case)

@@ -175,6 +175,13 @@ def test_tile_that_does_not_divide_a_layer_is_named():
     with pytest.raises(ValueError, match=r"tile_size=16 \(16x16 blocks of the \(out, in\) view\) does not tile "
                        r"head.weight: a Linear weight stored as \(8, 32\)"):
         _fit([Supermask(density=0.5, tile_size=16, exclude=["conv.weight"])])
+    # the case: the argument as written, the layer, its shape and a tile that fits it
+    with pytest.raises(ValueError, match=r"^tile_size=7 \(7x7 blocks of the \(out, in\) view\) does not tile "
+                       r"conv.weight: a Conv1d weight stored as \(8, 4, 2\), \(out, in\) view 8x8; choose a block "
+                       r"whose sides divide 8 and 8 \(e.g. tile_size=4\), or exclude 'conv.weight'$"):
+        _fit([Supermask(density=0.5, tile_size=7)])
+    with pytest.raises(ValueError, match=r"^tile_size='8x32' \(8x32 blocks .* conv.weight: .* \(e.g. tile_size=8\)"):
+        _fit([Supermask(density=0.5, tile_size="8x32")])
 
 
 def test_scores_outside_the_optimizer_are_rejected():

@@ -34,6 +34,16 @@ def test_ddp(tmp_path):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_final_density(case, tmp_path):
+    harness.check_final_density(case, tmp_path)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_resume_after_fit(case, tmp_path):
+    harness.check_resume_after_fit(case, tmp_path)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_pickle_and_yaml(case):
     harness.check_pickle(case)
     harness.check_yaml(case)

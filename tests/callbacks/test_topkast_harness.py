@@ -36,6 +36,28 @@ def test_ddp(tmp_path):
     harness.check_ddp(CASES[1], tmp_path)
 
 
+# the schedule ends at step 6 (0.75 of 8 steps) or 5; update_every=4 and 3 do not divide it
+FINAL = [
+    _case("scheduled-every-4", {"density": 0.25, "end": 0.75}, update_every=4),
+    _case("scheduled-global-4x4-every-3", {"density": 0.25, "end": 5}, backward_density=0.5, pattern="4x4",
+          distribution="global", update_every=3),
+]
+
+
+@pytest.mark.parametrize("case", FINAL, ids=[c.name for c in FINAL])
+def test_final_density(case, tmp_path):
+    harness.check_final_density(case, tmp_path)
+
+
+# the early stop at step 4 falls between the updates at 3 and 6 of the second case: a fit-end update, then the bake
+RESUME = [CASES[1], _case("scheduled-every-3", {"density": 0.25, "end": 0.75}, update_every=3)]
+
+
+@pytest.mark.parametrize("case", RESUME, ids=[c.name for c in RESUME])
+def test_resume_after_fit(case, tmp_path):
+    harness.check_resume_after_fit(case, tmp_path)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_pickle_and_yaml(case):
     harness.check_pickle(case)

@@ -26,14 +26,16 @@ def test_parse_rejects_non_string():
 
 
 def test_block_check_names_layer_and_shape():
-    with pytest.raises(ValueError, match=r"4x4 does not divide fc.weight of shape \(6, 8\)"):
+    with pytest.raises(ValueError, match=r"4x4 does not divide fc.weight of shape \(6, 8\).* \(e.g. pattern '2x2'\)"):
         Blocks(4, 4).check("fc.weight", (6, 8))
     Blocks(2, 4).check("fc.weight", (6, 8))
 
 
 def test_nm_check_needs_divisible_inputs():
-    with pytest.raises(ValueError, match="divisible by m=4"):
+    with pytest.raises(ValueError, match="divisible by m=4; exclude 'conv.weight' or choose another pattern$"):
         NM(2, 4).check("conv.weight", (8, 3, 3, 3))
+    with pytest.raises(ValueError, match=r"divisible by m=4; .* \(e.g. pattern '1:2', the same density\)$"):
+        NM(2, 4).check("conv.weight", (8, 3, 2, 3))
     NM(2, 4).check("conv.weight", (8, 4, 3, 3))
 
 

@@ -46,8 +46,10 @@ def test_schedule_errors():
         Schedule(final=0.1, start="0")
     with pytest.raises(ValueError, match="needs initial and final > 0"):
         Schedule(final=0.0, initial=1.0, shape="exponential")
-    with pytest.raises(ValueError, match="needs the run's total steps"):
+    with pytest.raises(ValueError, match=r"step 0.5 is a fraction of the run, whose length is unknown .* max_steps"):
         Schedule(final=0.1, initial=1.0, end=0.5, shape="linear").resolve(None)
+    with pytest.raises(ValueError, match=r"^SparsityScheduler\(end=0.5\) is a fraction of the run"):
+        Schedule(final=0.1, initial=1.0, end=0.5, shape="linear").resolve(None, "SparsityScheduler")
     with pytest.raises(ValueError, match="schedule type must be one of"):
         build_schedule({"type": "stairs"})
     with pytest.raises(ValueError, match="unknown schedule keys"):

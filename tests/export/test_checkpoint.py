@@ -37,3 +37,21 @@ def test_errors(tmp_path, digits_checkpoint):
         export_checkpoint(digits_checkpoint[0], "nope.X", tmp_path)
     with pytest.raises(TypeError, match="model class path 'torch.nn.Linear' must name a LightningModule subclass"):
         export_checkpoint(digits_checkpoint[0], "torch.nn.Linear", tmp_path)
+
+
+def test_hugging_face_checkpoint_gets_its_folder_unless_no_hf(tmp_path):
+    pytest.importorskip("transformers")
+    import lightning.pytorch as pl
+
+    from tests.hf_models import HF_GPT2, text_batches
+
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(HF_GPT2.make(), text_batches(1))
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    common = ["--model", "lightning_sparse.models.HFCausalLM", "--ckpt_path", str(tmp_path / "last.ckpt"), "--pattern",
+              "dense", "--no-verify"]
+    manifest = main([*common, "--out", str(tmp_path / "with")])
+    assert manifest.huggingface["dir"] == "hf" and (tmp_path / "with" / "hf" / "config.json").is_file()
+    manifest = main([*common, "--out", str(tmp_path / "without"), "--no-hf"])
+    assert manifest.huggingface is None and not (tmp_path / "without" / "hf").exists()

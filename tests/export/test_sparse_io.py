@@ -63,7 +63,8 @@ def test_manifest_contents(tmp_path):
     model = pruned(small_cnn, "32x32", ["classifier.1"])
     export_sparse(model, tmp_path, pattern="32x32", example_input=torch.randn(3, 1, 8, 8))
     data = json.loads((tmp_path / "manifest.json").read_text())
-    assert data["format_version"] == FORMAT_VERSION and isinstance(data["format_version"], int)
+    assert data["format_version"] == 1 and isinstance(data["format_version"], int)  # no Hugging Face folder
+    assert "huggingface" not in data
     assert (data["format"], data["pattern"], data["blocksize"], data["n_m"]) == ("bsr", "32x32", [32, 32], None)
     assert data["dtype"] == "float32" and data["torch_version"] == str(torch.__version__)
     assert data["library_version"] and data["converted"] == ["classifier.1"]
@@ -198,7 +199,7 @@ def test_argument_errors(tmp_path):
         export_sparse(mlp(), tmp_path, pattern="4:8")
     with pytest.raises(TypeError, match="include must be a glob string or a list of glob strings, got 3"):
         export_sparse(mlp(), tmp_path, include=3)
-    with pytest.raises(TypeError, match="example_input must be a Tensor or a tuple of Tensors, got str"):
+    with pytest.raises(TypeError, match="example_input must be a Tensor, a tuple of Tensors or a dict of .*, got str"):
         export_sparse(mlp(), tmp_path, example_input="batch")
     with pytest.raises(ValueError, match="rtol must be >= 0, got -1"):
         export_sparse(mlp(), tmp_path, rtol=-1)
@@ -267,10 +268,46 @@ class PlainWeight(nn.Module):
 
 def test_converted_layer_of_another_kind_raises(tmp_path):
     export_sparse(pruned(mlp, "16x16", ["0"]), tmp_path, pattern="16x16")
-    with pytest.raises(ValueError, match="layer '0' is converted in the export but is a PlainWeight, not Linear or"):
+    with pytest.raises(ValueError, match="layer '0' is converted in the export but is a PlainWeight, not Linear, Hugg"):
         load_sparse(tmp_path, nn.Sequential(PlainWeight(), *mlp()[1:]))
     export_sparse(pruned_conv_cnn(), tmp_path, pattern="16x16")
     data = json.loads((tmp_path / "manifest.json").read_text())
     (tmp_path / "manifest.json").write_text(json.dumps({**data, "format": "2:4"}))
     with pytest.raises(ValueError, match="layer 'features.3' is a Conv2d, which '2:4' exports never convert"):
         load_sparse(tmp_path, conv_cnn())
+
+
+@pytest.mark.parametrize("pattern", ["16x16", "2:4"])
+def test_files_hold_positive_zeros_only(tmp_path, pattern):
+    model = mlp()
+    mask = torch.ones(64, 32)
+    mask[:, 16:] = 0.0  # whole 16x16 blocks, and 2 of every 4 inputs
+    mask[:, 1:16:2] = 0.0
+    with torch.no_grad():
+        model[0].weight.copy_(-model[0].weight.abs() * mask)  # negative weights times 0: -0.0
+        model[0].bias[:3] = -0.0
+    signed = torch.signbit(model[0].weight) & (model[0].weight == 0)
+    assert signed.any()
+    manifest = export_sparse(model, tmp_path, pattern=pattern, example_input=torch.randn(3, 32))
+    assert manifest.converted[0] == "0"
+    for name in ("model.safetensors", "sparse.safetensors"):
+        for key, t in load_file(tmp_path / name).items():
+            assert not (t.is_floating_point() and (torch.signbit(t) & (t == 0)).any()), (name, key)
+    assert torch.equal(torch.signbit(model[0].weight) & (model[0].weight == 0), signed)  # the live model unchanged
+
+
+def test_tied_weights_are_written_once_and_load_back(tmp_path):
+    model = nn.Sequential(nn.Embedding(10, 32), nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.Linear(32, 10))
+    model[4].weight = model[0].weight
+    prune_blocks_(model[1], 16)
+    manifest = export_sparse(model, tmp_path, pattern="16x16", example_input=torch.arange(6)[None])
+    assert manifest.converted == ["1"]
+    assert manifest.skipped["4"].startswith("its weight is tied to '0.weight'")
+    assert "4.weight" not in load_file(tmp_path / "model.safetensors")
+    fresh = nn.Sequential(nn.Embedding(10, 32), nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.Linear(32, 10))
+    fresh[4].weight = fresh[0].weight
+    loaded = load_sparse(tmp_path, fresh)
+    assert isinstance(loaded[1], SparseLinear) and loaded[4].weight is loaded[0].weight
+    x = torch.arange(6)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_sparse.nn import SparseConv2d, SparseLinear, to_sparse_inference
+from lightning_sparse.nn import SparseConv2d, SparseLinear, inference_plan, to_sparse_inference
 
 
 def prune_blocks_(linear, block=16, density=0.5):
@@ -60,7 +60,7 @@ def test_include_glob_without_a_fitting_layer_raises():
     assert isinstance(model[0], SparseLinear) and type(model[2]) is nn.Linear
     with pytest.raises(ValueError, match=r"glob '\*' .* '0': in_features 6 is not divisible by 4"):
         to_sparse_inference(nn.Sequential(nn.Linear(6, 4)), pattern="2:4", include="*")
-    with pytest.raises(ValueError, match="glob 'encoder.*' matched no layer .*: no nn.Linear or nn.Conv2d matched it"):
+    with pytest.raises(ValueError, match="glob 'encoder.*' matched no layer .*: no nn.Linear, Hugging Face Conv1D or"):
         to_sparse_inference(model, include=["encoder.*"])
 
 
@@ -157,3 +157,30 @@ def test_unsupported_convs_stay_dense_or_raise_when_included():
         to_sparse_inference(model, pattern="1x1", include="1")
     with pytest.raises(ValueError, match=r"glob '0' .* pattern '2:4': '0': 2:4 is not a Conv2d format"):
         to_sparse_inference(model, pattern="2:4", include="0")
+
+
+def test_tied_weights_stay_dense_with_a_reason():
+    model = nn.Sequential(nn.Embedding(16, 32), nn.Linear(32, 32), nn.Linear(32, 16, bias=False))
+    model[2].weight = model[0].weight  # a language model's head tied to its embedding
+    for i in (1, 2):
+        prune_blocks_(model[i])
+    assert inference_plan(model, pattern="16x16") == {
+        "1": None,
+        "2": "its weight is tied to '0.weight': tied weights stay dense (converting would untie them)",
+    }
+    with pytest.raises(ValueError, match=r"glob '2' matched no layer .*: '2': its weight is tied to '0.weight'"):
+        to_sparse_inference(model, pattern="16x16", include="2")
+    to_sparse_inference(model, pattern="16x16")
+    assert isinstance(model[1], SparseLinear) and model[2].weight is model[0].weight
+
+
+def test_inference_plan_gives_every_reason():
+    model = nn.Sequential(Attention(), mlp())
+    prune_blocks_(model[1][0], density=0.3)
+    plan = inference_plan(model, pattern="16x16", min_sparsity=0.2)
+    assert plan["0.mha.out_proj"] == "nn.MultiheadAttention.out_proj stays dense (MHA reads its weight directly)"
+    assert plan["1.0"] is None and plan["1.4"] == "shape (10, 32) is not divisible by the block 16x16"
+    assert plan["1.2"] == "0.000 of its weights are zero, below min_sparsity=0.2"
+    assert inference_plan(model, pattern="16x16", include="1.0")["1.2"] == "not matched by include"
+    with pytest.raises(ValueError, match=r"glob '0.mha.out_proj' .*: '0.mha.out_proj': nn.MultiheadAttention.out_pr"):
+        inference_plan(model, pattern="16x16", include="0.mha.out_proj")

@@ -116,7 +116,7 @@ def test_errors():
         SparseLinear(64, 32, blocksize="big")
     with pytest.raises(ValueError, match="2:4 needs in_features divisible by 4, got in_features=6"):
         SparseLinear(6, 32, format="2:4")
-    with pytest.raises(TypeError, match="linear_or_weight must be an nn.Linear or a Tensor, got Conv1d"):
+    with pytest.raises(TypeError, match="must be an nn.Linear, a Hugging Face Conv1D or a Tensor, got Conv1d"):
         SparseLinear.from_dense(nn.Conv1d(4, 4, 1))
     with pytest.raises(ValueError, match=r"weight must be 2-D \(out_features, in_features\), got shape \(4,\)"):
         SparseLinear.from_dense(torch.zeros(4))

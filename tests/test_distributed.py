@@ -1,0 +1,57 @@
+"""Exact top-k across shards (single process: the shards are the pieces of one tensor), shard checks, traffic."""
+
+import pytest
+import torch
+
+from lightning_sparse.core.masks import topk_flat
+from lightning_sparse.core.patterns import parse_pattern
+from lightning_sparse.distributed import TRAFFIC, Shard, check_shard, distributed_topk, gather_rows, local
+
+
+@pytest.mark.parametrize("kind", ["normal", "few-values", "float64", "signed-zeros"])
+def test_equals_one_process_topk_with_its_tie_break(kind):
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        n = int(torch.randint(1, 400, (1,), generator=generator))
+        if kind == "normal":
+            x = torch.randn(n, generator=generator)
+        elif kind == "few-values":
+            x = torch.randint(-3, 3, (n,), generator=generator).float()
+        elif kind == "float64":
+            x = torch.randn(n, generator=generator, dtype=torch.float64)
+        else:
+            x = torch.randint(0, 2, (n,), generator=generator).float() * -0.0
+        k = int(torch.randint(0, n + 1, (1,), generator=generator))
+        pieces = list(torch.split(x, max(1, n // 3)))
+        got = torch.cat([m.reshape(-1) for m in distributed_topk(pieces, k)])
+        assert torch.equal(got, topk_flat(x, k)), (n, k)
+
+
+def test_traffic_does_not_grow_with_the_layer():
+    moved = []
+    for n in (1_000, 1_000_000):
+        before = TRAFFIC["elements"]
+        distributed_topk([torch.randn(n)], n // 3)
+        moved.append(TRAFFIC["elements"] - before)
+    assert moved[0] == moved[1] == 1 + 4 * 256 + 1  # sizes, 4 histograms, the tie counts of 1 rank
+
+
+def test_k_out_of_range_is_an_error():
+    with pytest.raises(ValueError, match=r"k must be in \[0, 4\], got 5"):
+        distributed_topk([torch.ones(4)], 5)
+
+
+def test_a_group_straddling_a_shard_boundary_is_refused():
+    shard = Shard((10, 8), row_offset=5, rows=5, group=None)
+    with pytest.raises(ValueError, match=r"w is sharded on dim 0 \(shape \(10, 8\); this rank holds rows 5 to 10\), "
+                                         r"which splits its blocks of 4 rows"):
+        check_shard(parse_pattern("4x4"), "w", shard)
+    with pytest.raises(ValueError, match=r"splits its groups of m=4 along dim 0 \(its input dimension\)"):
+        check_shard(parse_pattern("2:4").for_layout(True), "w", shard, transposed=True)
+    check_shard(parse_pattern("2:4"), "w", shard)  # a Linear's groups run along dim 1: inside every row
+    check_shard(parse_pattern("4x4"), "w", Shard((10, 8), row_offset=8, rows=2, group=None))  # the last, short shard
+
+
+def test_plain_tensors_pass_through():
+    x = torch.ones(3)
+    assert local(x) is x and gather_rows(x, Shard((3,), 0, 3, None)) is x
