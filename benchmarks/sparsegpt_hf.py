@@ -14,7 +14,8 @@ deep copy of the same trained model, calibrated on the same train batches given 
   its defaults (one pass of the dense model for the Hessians, ``hessian_damp=0.1``; it keeps only the mask, the
   OBS-updated weights are dropped), then ``mts.export``;
 * ``sparsegpt_(model, batches, nm="2:4")`` with its defaults (sequential, joint N:M choice), with
-  ``nm_selection="independent"`` and with ``sequential=False`` (Hessians from one dense pass, like ModelOpt).
+  ``nm_selection="independent"``, with ``sequential=False`` (Hessians from one dense pass, like ModelOpt) and with
+  ``sequential="blocks"`` (each block's Hessians from one pass of it over the pruned blocks before: the paper's order).
 
 All prune the same weights, every ``nn.Linear`` inside the decoder layers (``lm_head`` stays dense; asserted). For each
 weight: the relative output error ``||W X - W' X||_F / ||W X||_F`` on held-out inputs X (the dense model's layer inputs
@@ -240,6 +241,7 @@ def main() -> None:
             m, calibration, nm="2:4", nm_selection="independent", progress=False
         ),
         f"{OURS} one pass": lambda m: sparsegpt_(m, calibration, nm="2:4", sequential=False, progress=False),
+        f"{OURS} blocks": lambda m: sparsegpt_(m, calibration, nm="2:4", sequential="blocks", progress=False),
     }
     importlib.import_module("modelopt.torch.sparsity")  # imported before the clock starts, like lightning_sparse
     models, times = timed_rounds(methods, dense, args.repeats)

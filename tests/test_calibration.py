@@ -130,3 +130,24 @@ def test_hf_models_block_by_block_equal_the_full_sequential_mode(monkeypatch):
             assert torch.equal(p, q), f"{spec.name}: {name}"
         head = model.get_output_embeddings().weight
         assert torch.equal(head, reference.get_output_embeddings().weight) and (head != 0).all()
+
+
+def test_blocks_order_prunes_each_block_from_one_pass_of_it():
+    torch.manual_seed(0)
+    model = Stack()
+    reference = copy.deepcopy(model)
+    batches = [torch.randn(6, 4) for _ in range(3)]
+    masks = sparsegpt_(model, batches, nm="2:4", include="blocks.*.weight", sequential="blocks", progress=False)
+    expected = {}
+    for index in range(len(reference.blocks)):  # one pass over the already-pruned blocks before, then prune all
+        expected |= sparsegpt_(reference, batches, nm="2:4", include=f"blocks.{index}.*.weight", sequential=False,
+                               progress=False)
+    for name in expected:
+        assert torch.equal(masks[name], expected[name]), name
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_sequential_must_be_a_known_mode():
+    with pytest.raises(ValueError, match=r"sequential must be True, False or 'blocks', got 'layers'"):
+        sparsegpt_(Stack(), [torch.randn(2, 4)], nm="2:4", sequential="layers")

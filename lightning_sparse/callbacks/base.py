@@ -118,13 +118,14 @@ class SparsityCallback(Callback):
         self._pending: dict[str, Any] | None = None
         self._layouts: dict[str, bool] = {}
 
-    def _check_nm(self, density: float | None) -> None:
+    def _check_nm(self, density: float | None, source: str = "density={}") -> None:
         if not isinstance(self.pattern, NM):
             return
         if self.distribution != "uniform":
             raise ValueError(f"pattern {self.pattern} needs distribution='uniform', got {self.distribution!r}")
         if density is not None and abs(density - self.pattern.density) > 1e-9:
-            raise ValueError(f"pattern {self.pattern} keeps density {self.pattern.density}, got density={density}")
+            raise ValueError(f"pattern {self.pattern} keeps density {self.pattern.density}, got "
+                             f"{source.format(density)}; give {source.format(self.pattern.density)} (or leave it out)")
 
     @property
     def state_key(self) -> str:
@@ -252,7 +253,7 @@ class SparsityCallback(Callback):
         if scheduler is None and self.density is None and not isinstance(self.pattern, NM):
             raise ValueError(f"{type(self).__name__} needs density=... or a SparsityScheduler in the Trainer callbacks")
         if scheduler is not None:
-            self._check_nm(scheduler.final_density)
+            self._check_nm(scheduler.final_density, "SparsityScheduler(density={})")
             if self.density is not None and abs(self.density - scheduler.final_density) > 1e-12:
                 raise ValueError(
                     f"{type(self).__name__}(density={self.density}) differs from SparsityScheduler(density="

@@ -97,15 +97,17 @@ def _block_inputs(model: nn.Module, blocks: str | None, batches: list, forward: 
 
 
 def _prune_by_blocks(model: nn.Module, order: list[str], inputs: BlockInputs, blocks: str, write: _Writer,
-                     show: bool) -> None:
-    """Sequential pruning, one block at a time on cached block inputs (see :mod:`lightning_sparse.calibration`)."""
+                     show: bool, whole_blocks: bool = False) -> None:
+    """Sequential pruning, one block at a time on cached block inputs (see :mod:`lightning_sparse.calibration`);
+    ``whole_blocks``: every target of a block from one pass of that block (the SparseGPT paper's order)."""
     owners = {n: owner for n, (owner, kind) in input_kinds(model, order).items() if kind != "attn_out"}
     last = max(int(name[len(blocks) + 1:].split(".", 1)[0]) for name in order)
     for index in track(range(last + 1), description="SparseGPT", transient=True, disable=not show):
         in_block = [name for name in order if name.startswith(f"{blocks}.{index}.")]
         run = inputs.forward_block(index)
         probe = partial(run, model, inputs.calls[0])
-        for group in shared_input_groups(model, in_block, owners, probe):
+        groups = [in_block] if whole_blocks else shared_input_groups(model, in_block, owners, probe)
+        for group in groups:
             hessians = collect_hessians(model, group, inputs.calls, run)
             for name in group:
                 write(name, hessians.pop(name))
@@ -120,7 +122,7 @@ def prune_layers(
     batches: list,
     forward: Forward,
     prune: partial,
-    sequential: bool,
+    sequential: bool | str,
     show: bool,
 ) -> dict[str, Tensor]:
     """:func:`sparsegpt_` on checked target names, ``prune(weight, hessian, name=...)`` being :func:`obs_prune` with
@@ -134,7 +136,7 @@ def prune_layers(
         blocks = find_blocks(model, names) if sequential else None
         inputs = _block_inputs(model, blocks, batches, forward)
         if inputs is not None:
-            _prune_by_blocks(model, order, inputs, blocks, write, show)
+            _prune_by_blocks(model, order, inputs, blocks, write, show, whole_blocks=sequential == "blocks")
         else:
             hessians = {} if sequential else collect_hessians(model, order, batches, forward)
             for name in track(order, description="SparseGPT", transient=True, disable=not show):
@@ -143,6 +145,11 @@ def prune_layers(
     finally:
         model.train(training)
     return {name: write.masks[name] for name in names}
+
+
+def _check_sequential(sequential: bool | str) -> None:
+    if sequential not in (True, False, "blocks"):
+        raise ValueError(f"sequential must be True, False or 'blocks', got {sequential!r}")
 
 
 def sparsegpt_(
@@ -156,7 +163,7 @@ def sparsegpt_(
     nm_selection: str = "joint",
     refit: bool = False,
     reselect: int = 0,
-    sequential: bool = True,
+    sequential: bool | str = True,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     forward: Forward | None = None,
@@ -177,7 +184,11 @@ def sparsegpt_(
         refit: least-squares refit of the kept weights on the calibration Hessian (``O(rows * k^3)`` per layer).
         reselect: passes of exact group-wise N:M mask re-selection before the refit (needs ``nm`` and ``refit``;
             :mod:`lightning_sparse.core.obs_refine`).
-        sequential: prune layer by layer in forward order, each seeing the already-pruned layers before it.
+        sequential: ``True``: prune layer by layer in forward order, each seeing the already-pruned layers before it
+            (calibrated block by block when the model has a block list, with the same result); ``"blocks"``: block by
+            block, every layer of a block from one pass of it over the pruned blocks before (the SparseGPT paper's
+            order: 2 block passes per block instead of one per shared-input group, ~2x faster on a Llama);
+            ``False``: every Hessian from one pass of the dense model.
         include: glob patterns of parameter names (default: Linear, Conv and attention weights).
         exclude: glob patterns of parameter names to keep dense.
         forward: ``forward(model, batch)`` runs one batch; default :func:`default_forward`.
@@ -205,6 +216,7 @@ def sparsegpt_(
         # slower, lower error: sparsegpt_(model, batches, nm="2:4", refit=True, reselect=2)
     """
     prune = _pruner(density, nm, block_size, damp, nm_selection, refit, reselect)
+    _check_sequential(sequential)
     pattern = prune.keywords["nm"]
     if forward is not None and not callable(forward):
         raise TypeError(f"forward must be a callable forward(model, batch), got {type(forward).__name__}")
@@ -269,7 +281,7 @@ class SparseGPT(SparsityCallback):
         nm_selection: str = "joint",
         refit: bool = False,
         reselect: int = 0,
-        sequential: bool = True,
+        sequential: bool | str = True,
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         seed: int = 0,
@@ -285,7 +297,8 @@ class SparseGPT(SparsityCallback):
         self.calibration_batches = check_int("calibration_batches", calibration_batches, 1)
         self.block_size, self.damp = block_size, float(damp)
         self.nm_selection, self.refit, self.reselect = nm_selection, refit, reselect
-        self.sequential = bool(sequential)
+        _check_sequential(sequential)
+        self.sequential = sequential
         self.pruned = False
         self._last_step = float("inf")
 
