@@ -35,10 +35,13 @@ from lightning_sparse.models import CharGPT
 from lightning_sparse.targets import select_targets
 
 
-def train(steps: int, batch_size: int, save: str | None) -> tuple[CharGPT, PythonSourceDataModule]:
+def train(
+    steps: int, batch_size: int, save: str | None, make_model=lambda: CharGPT(block_size=128)
+) -> tuple[pl.LightningModule, PythonSourceDataModule]:
+    """Train ``make_model()`` (seeded) for ``steps`` on the stdlib bytes; also used by ``sparsegpt_hf.py``."""
     pl.seed_everything(0, verbose=False)
     data = PythonSourceDataModule(block_size=128, batch_size=batch_size)
-    model = CharGPT(block_size=128)
+    model = make_model()
     trainer = pl.Trainer(
         max_steps=steps,
         accelerator="cpu",
@@ -55,7 +58,7 @@ def train(steps: int, batch_size: int, save: str | None) -> tuple[CharGPT, Pytho
 
 
 @torch.no_grad()
-def perplexity(model: CharGPT, batches: list) -> float:
+def perplexity(model: pl.LightningModule, batches: list) -> float:
     model.eval()
     losses = [F.cross_entropy(model(x).flatten(0, 1), y.flatten()) for x, y in batches]
     return math.exp(torch.stack(losses).mean())

@@ -33,18 +33,16 @@ import argparse
 import contextlib
 import copy
 import importlib
+import importlib.util
 import io
 import itertools
-import math
 import pathlib
 import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping
 
-import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_sparse.calibration import default_forward
@@ -69,30 +67,21 @@ LLAMA = {
 PEER, BASELINE, OURS = "ModelOpt sparsegpt", "magnitude 2:4", "SparseGPT 2:4"
 
 
+def _sibling(name: str):
+    """A benchmark script next to this one, loaded by path (this folder is taken off ``sys.path`` in ``main``)."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", pathlib.Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_CHARGPT = _sibling("sparsegpt")  # its training loop and perplexity, shared
+perplexity = _CHARGPT.perplexity
+
+
 def train(steps: int, batch_size: int, lr: float, save: str | None) -> tuple[HFCausalLM, PythonSourceDataModule]:
-    pl.seed_everything(0, verbose=False)
-    data = PythonSourceDataModule(block_size=128, batch_size=batch_size)
-    model = HFCausalLM(config=LLAMA, lr=lr, warmup_steps=min(50, steps // 10))
-    trainer = pl.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    trainer.fit(model, datamodule=data)
-    if save:
-        trainer.save_checkpoint(save)
-    return model, data
-
-
-@torch.no_grad()
-def perplexity(model: HFCausalLM, batches: list) -> float:
-    model.eval()
-    losses = [F.cross_entropy(model(x).flatten(0, 1), y.flatten()) for x, y in batches]
-    return math.exp(torch.stack(losses).mean())
+    return _CHARGPT.train(steps, batch_size, save, lambda: HFCausalLM(config=LLAMA, lr=lr,
+                                                                      warmup_steps=min(50, steps // 10)))
 
 
 @torch.no_grad()

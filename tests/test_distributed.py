@@ -55,3 +55,16 @@ def test_a_group_straddling_a_shard_boundary_is_refused():
 def test_plain_tensors_pass_through():
     x = torch.ones(3)
     assert local(x) is x and gather_rows(x, Shard((3,), 0, 3, None)) is x
+
+
+def test_sharded_selection_needs_every_target_sharded_and_no_global_nm():
+    from lightning_sparse.distributed import select_sharded_masks
+
+    scores, shapes = {"w": torch.rand(4, 4)}, {"w": (4, 4)}
+    with pytest.raises(ValueError, match="under FSDP2 every target must be sharded, but w is a plain tensor"):
+        select_sharded_masks(scores, {"w": 0.5}, {"w": parse_pattern("unstructured")}, {"w": None}, shapes)
+    shard = {"w": Shard((4, 4), 0, 4, None)}
+    with pytest.raises(ValueError, match="distribution 'global' cannot be used with an N:M pattern"):
+        select_sharded_masks(scores, {"w": 0.5}, {"w": parse_pattern("2:4")}, shard, shapes, global_density=0.5)
+    mask = select_sharded_masks(scores, {"w": 0.25}, {"w": parse_pattern("unstructured")}, shard, shapes)["w"]
+    assert torch.equal(mask, topk_flat(scores["w"].reshape(-1), 4).reshape(4, 4))

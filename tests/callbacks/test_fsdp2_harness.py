@@ -107,3 +107,24 @@ def test_algorithms_without_fsdp2_support_refuse_the_strategy(make, tmp_path):
     with pytest.raises(ValueError, match=r"does not support ModelParallelStrategy \(FSDP2\) yet; what works: .*"
                                          r"MagnitudePruning, NMSparsity"):
         callback.setup(Stub(), fsdp2.sharded_model(), "fit")
+
+
+class _Stub:
+    def __init__(self, strategy, callbacks):
+        self.strategy, self.callbacks = strategy, callbacks
+
+
+@pytest.mark.parametrize("name", ["DeepSpeedStrategy", "FSDPStrategy"])
+def test_flat_parameter_strategies_are_refused(name):
+    callback = MagnitudePruning(density=0.5)
+    with pytest.raises(ValueError, match=rf"MagnitudePruning does not support {name} \(its parameters are flattened"):
+        callback.setup(_Stub(type(name, (), {})(), [callback]), fsdp2.sharded_model(), "fit")
+
+
+def test_targets_gone_after_configure_model_are_an_error():
+    callback = MagnitudePruning(density=0.5)
+    callback.setup(_Stub(object(), [callback]), fsdp2.sharded_model(), "fit")
+    other = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"the targets \['body.0.weight', .*\] are gone from the model after "
+                                         r"configure_model"):
+        callback.on_fit_start(None, other)
