@@ -48,6 +48,7 @@ from lightning_sparse.core.obs_refine import check_refinement
 from lightning_sparse.core.patterns import NM
 from lightning_sparse.layer_inputs import collect_hessians, forward_order, input_kinds
 from lightning_sparse.layers import check_pattern, kind_of
+from lightning_sparse.replay import GroupPasses, recording_calls
 from lightning_sparse.targets import select_targets
 
 
@@ -96,23 +97,40 @@ def _block_inputs(model: nn.Module, blocks: str | None, batches: list, forward: 
         return None
 
 
+def _replayed(passes: GroupPasses, group: int, model: nn.Module, call: int) -> None:
+    """A ``forward(model, call)`` for :func:`collect_hessians`: group ``group``'s pass over cached call ``call``."""
+    passes.run(group, call)
+
+
 def _prune_by_blocks(model: nn.Module, order: list[str], inputs: BlockInputs, blocks: str, write: _Writer,
                      show: bool, whole_blocks: bool = False) -> None:
-    """Sequential pruning, one block at a time on cached block inputs (see :mod:`lightning_sparse.calibration`);
-    ``whole_blocks``: every target of a block from one pass of that block (the SparseGPT paper's order)."""
-    owners = {n: owner for n, (owner, kind) in input_kinds(model, order).items() if kind != "attn_out"}
+    """Sequential pruning, one block at a time on cached block inputs (see :mod:`lightning_sparse.calibration`), each
+    group of layers calibrated on a replayed pass of the block (:mod:`lightning_sparse.replay`); ``whole_blocks``:
+    every target of a block from one pass of that block (the SparseGPT paper's order)."""
+    kinds = input_kinds(model, order)
+    owners = {n: owner for n, (owner, kind) in kinds.items() if kind != "attn_out"}
     last = max(int(name[len(blocks) + 1:].split(".", 1)[0]) for name in order)
     for index in track(range(last + 1), description="SparseGPT", transient=True, disable=not show):
-        in_block = [name for name in order if name.startswith(f"{blocks}.{index}.")]
-        run = inputs.forward_block(index)
-        probe = partial(run, model, inputs.calls[0])
-        groups = [in_block] if whole_blocks else shared_input_groups(model, in_block, owners, probe)
-        for group in groups:
-            hessians = collect_hessians(model, group, inputs.calls, run)
+        prefix = f"{blocks}.{index}."
+        in_block = [name for name in order if name.startswith(prefix)]
+        probe = partial(inputs.forward_block(index), model, inputs.calls[0])
+        sequence = None
+        if whole_blocks:
+            groups = [in_block]
+        else:
+            with recording_calls(inputs.blocks[index], []) as sequence:
+                groups = shared_input_groups(model, in_block, owners, probe)
+        passes = GroupPasses(inputs.blocks[index], inputs.calls,
+                             [[kinds[name][0][len(prefix):] for name in group] for group in groups],
+                             [all(kinds[name][1] != "attn_out" for name in group) for group in groups],
+                             shared_inputs=not whole_blocks, sequence=sequence)
+        for number, group in enumerate(groups):
+            hessians = collect_hessians(model, group, range(len(inputs.calls)),
+                                        partial(_replayed, passes, number))
             for name in group:
                 write(name, hessians.pop(name))
         if index < last:
-            inputs.advance(index)
+            inputs.advance(index, [passes.run(len(groups), call) for call in range(len(inputs.calls))])
 
 
 @torch.no_grad()
@@ -185,10 +203,11 @@ def sparsegpt_(
         reselect: passes of exact group-wise N:M mask re-selection before the refit (needs ``nm`` and ``refit``;
             :mod:`lightning_sparse.core.obs_refine`).
         sequential: ``True``: prune layer by layer in forward order, each seeing the already-pruned layers before it
-            (calibrated block by block when the model has a block list, with the same result); ``"blocks"``: block by
-            block, every layer of a block from one pass of it over the pruned blocks before (the SparseGPT paper's
-            order: 2 block passes per block instead of one per shared-input group, ~2x faster on a Llama);
-            ``False``: every Hessian from one pass of the dense model.
+            (calibrated block by block when the model has a block list, with the same result, each group of layers
+            on a pass of the block that replays what the groups before left unchanged: about 1.5 passes per block,
+            see :mod:`lightning_sparse.replay`); ``"blocks"``: block by block, every layer of a block from one pass of
+            it over the pruned blocks before (the SparseGPT paper's order); ``False``: every Hessian from one pass of
+            the dense model.
         include: glob patterns of parameter names (default: Linear, Conv and attention weights).
         exclude: glob patterns of parameter names to keep dense.
         forward: ``forward(model, batch)`` runs one batch; default :func:`default_forward`.
