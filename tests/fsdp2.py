@@ -68,6 +68,11 @@ def data() -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=False)
 
 
+def whole(param: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value on the CPU (gathered from every shard of a DTensor: every rank must call it)."""
+    return (param.full_tensor() if hasattr(param, "full_tensor") else param).detach().cpu().clone()
+
+
 class DumpFull(Callback):
     """At fit end, every rank writes the whole masks and weights (gathered) to ``rank<r>.pt``."""
 
@@ -77,7 +82,7 @@ class DumpFull(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         callback = next(cb for cb in trainer.callbacks if isinstance(cb, SparsityCallback))
         masks = {name: callback.masks.full_mask(name) for name in callback.masks.params}
-        weights = {name: p.full_tensor().detach().cpu() for name, p in pl_module.named_parameters()}
+        weights = {name: whole(p) for name, p in pl_module.named_parameters()}
         densities = callback.layer_densities(trainer.global_step)
         budget = {name: expected_kept(callback, name, densities[name]) for name in masks}
         if callback.distribution == "global":
@@ -100,3 +105,40 @@ def fit(callbacks: list[Callback], root: Path, epochs: int = 2, ckpt_path: str |
 
 def results(root: Path) -> list[dict]:
     return [torch.load(root / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+class PlainNet(ShardedNet):
+    """The same model, not sharded (one device)."""
+
+    def configure_model(self) -> None:
+        pass
+
+
+class DumpAtTrainStart(Callback):
+    """At train start (after the sparsity callback restored its state), rank 0 writes the whole masks and weights
+    to ``start.pt``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        callback = next(cb for cb in trainer.callbacks if isinstance(cb, SparsityCallback))
+        masks = {name: callback.masks.full_mask(name) for name in callback.masks.params}
+        weights = {name: whole(p) for name, p in pl_module.named_parameters()}
+        if trainer.global_rank == 0:
+            torch.save({"masks": masks, "weights": weights}, self.root / "start.pt")
+
+
+def fit_one_device(callbacks: list[Callback], root: Path, epochs: int = 2, ckpt_path: str | None = None,
+                   **kwargs) -> None:
+    """The same run on one CPU process, the model unsharded."""
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=epochs, callbacks=[*callbacks, DumpFull(root)], logger=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root, **kwargs,
+    )
+    torch.manual_seed(0)
+    trainer.fit(PlainNet(), data(), ckpt_path=ckpt_path)
+
+
+def results_one_device(root: Path) -> dict:
+    return torch.load(root / "rank0.pt", weights_only=True)
