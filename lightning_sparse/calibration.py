@@ -41,6 +41,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_sparse.distributed import reshard_after_abort
+
 Forward = Callable[[nn.Module, Any], None]
 _CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
@@ -124,7 +126,7 @@ class BlockInputs:
         try:
             forward(model, batch)
         except _Reached:
-            pass
+            reshard_after_abort(model)
         finally:
             handle.remove()
         if not seen:

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_sparse.distributed import reshard_after_abort
 from lightning_sparse.layers import HF_CONV1D, layer_kind
 
 
@@ -157,6 +158,7 @@ class GroupPasses:
         try:
             return self.block(*args, **kwargs)
         except _Stop:
+            reshard_after_abort(self.block)
             return None
         finally:
             for handle in handles:

@@ -94,17 +94,55 @@ class DumpFull(Callback):
         torch.save(state, self.root / f"rank{trainer.global_rank}.pt")
 
 
-def fit(callbacks: list[Callback], root: Path, epochs: int = 2, ckpt_path: str | None = None, **kwargs) -> None:
+def fit(callbacks: list[Callback], root: Path, epochs: int = 2, ckpt_path: str | None = None,
+        model: type[pl.LightningModule] | None = None, **kwargs) -> None:
+    """Train ``model`` (default :class:`ShardedNet`, seeded) on 2 forked ranks under ``ModelParallelStrategy``."""
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy=ForkedModelParallel(data_parallel_size=2, tensor_parallel_size=1),
         max_epochs=epochs, callbacks=[*callbacks, DumpFull(root)], logger=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=root, **kwargs,
     )
-    trainer.fit(sharded_model(), data(), ckpt_path=ckpt_path)
+    torch.manual_seed(0)
+    trainer.fit((model or ShardedNet)(), data(), ckpt_path=ckpt_path)
 
 
 def results(root: Path) -> list[dict]:
     return [torch.load(root / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(24, 32), nn.Linear(32, 24)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.relu(self.up(x)))
+
+
+class BlockNet(ShardedNet):
+    """An embedding Linear, a list of 2 residual blocks (each ``fully_shard`` ed as a unit, as FSDP2 users wrap
+    transformer blocks) and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.body
+        self.embed, self.blocks = nn.Linear(16, 24), nn.ModuleList(Block() for _ in range(2))
+
+    def configure_model(self) -> None:
+        for block in self.blocks:
+            fully_shard(block)
+        fully_shard(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+class PlainBlockNet(BlockNet):
+    def configure_model(self) -> None:
+        pass
 
 
 class PlainNet(ShardedNet):

@@ -51,7 +51,18 @@ from lightning_sparse.mask_checkpoint import reference, sharded_entries, tag_of
 from lightning_sparse.masking import MaskState
 from lightning_sparse.targets import as_globs, describe_targets, select_targets
 
-FSDP2_ALGORITHMS = ("MagnitudePruning", "NMSparsity")
+
+def fsdp2_algorithms() -> list[str]:
+    """The names of the library's callbacks that run under ``ModelParallelStrategy`` (FSDP2), sorted."""
+    import lightning_sparse.callbacks  # noqa: F401  (every algorithm's class defined)
+
+    found, stack = set(), [SparsityCallback]
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        if cls.supports_fsdp2 and cls.__module__.startswith("lightning_sparse."):
+            found.add(cls.__name__)
+    return sorted(found)
 
 
 def saves_sharded(strategy: object) -> bool:
@@ -248,7 +259,7 @@ class SparsityCallback(Callback):
         strategy = getattr(trainer, "strategy", None)
         names = {cls.__name__ for cls in type(strategy).__mro__} if strategy is not None else set()
         works = ("single device, DDP (ddp, ddp_fork, ddp_spawn), and ModelParallelStrategy (FSDP2 fully_shard, "
-                 f"data parallel only) for {', '.join(FSDP2_ALGORITHMS)}")
+                 f"data parallel only) for {', '.join(fsdp2_algorithms())}")
         if names & {"DeepSpeedStrategy", "FSDPStrategy"}:
             raise ValueError(f"{type(self).__name__} does not support {type(strategy).__name__} (its parameters "
                              f"are flattened or partitioned out of the callback's sight); what works: {works}")

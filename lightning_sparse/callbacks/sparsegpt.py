@@ -28,7 +28,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.utilities.rank_zero import rank_zero_debug
+from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_info
 from rich.progress import track
 from torch import Tensor, nn
 
@@ -46,6 +46,7 @@ from lightning_sparse.callbacks.base import SparsityCallback
 from lightning_sparse.core.obs import check_budget, obs_prune
 from lightning_sparse.core.obs_refine import check_refinement
 from lightning_sparse.core.patterns import NM
+from lightning_sparse.distributed import local, shard_of
 from lightning_sparse.layer_inputs import collect_hessians, forward_order, input_kinds
 from lightning_sparse.layers import check_pattern, kind_of
 from lightning_sparse.replay import GroupPasses, recording_calls
@@ -66,19 +67,32 @@ def _pruner(
 
 
 class _Writer:
-    """Prunes one target on its layer's ``(out, in)`` view and writes the result back in the layer's own layout."""
+    """Prunes one target on its layer's ``(out, in)`` view and writes the result back in the layer's own layout.
+
+    An FSDP2 shard is gathered whole for its layer's turn (every rank computes the same pruning from the same
+    all-reduced Hessian), and only this rank's rows are written back and kept as its mask: one layer's full weight
+    at a time beyond the shards."""
 
     def __init__(self, model: nn.Module, prune: partial) -> None:
         self.params, self.prune = dict(model.named_parameters()), prune
         self.kinds = kind_of(model, list(self.params))
         self.masks: dict[str, Tensor] = {}
+        self.peak_gathered = 0  # the most bytes of gathered weight held at once (FSDP2)
 
     def __call__(self, name: str, hessian: Tensor) -> None:
         param, kind = self.params[name], self.kinds[name]
-        matrix = kind.as_matrix(param) if kind is not None else param.reshape(param.shape[0], -1)
+        shard = shard_of(param, name)
+        whole = param.full_tensor() if shard is not None else param
+        if shard is not None:
+            self.peak_gathered = max(self.peak_gathered, whole.numel() * whole.element_size())
+        matrix = kind.as_matrix(whole) if kind is not None else whole.reshape(whole.shape[0], -1)
         weight, mask = self.prune(matrix, hessian, name=name)
-        param.copy_(self._layout(name, weight))
-        self.masks[name] = self._layout(name, mask).contiguous()
+        weight, mask = self._layout(name, weight), self._layout(name, mask).contiguous()
+        if shard is not None:
+            rows = slice(shard.row_offset, shard.row_offset + shard.rows)
+            weight, mask = weight[rows], mask[rows].clone()
+        local(param.data).copy_(weight)
+        self.masks[name] = mask
 
     def _layout(self, name: str, matrix: Tensor) -> Tensor:
         """An ``(out, in)`` matrix in the layout of parameter ``name``."""
@@ -162,6 +176,9 @@ def prune_layers(
                 write(name, hessian)
     finally:
         model.train(training)
+    if write.peak_gathered:
+        rank_zero_info(f"SparseGPT: pruned {len(names)} sharded weights one at a time, at most "
+                       f"{write.peak_gathered / 2**20:.1f} MiB of whole weight gathered at once per rank")
     return {name: write.masks[name] for name in names}
 
 
@@ -288,6 +305,8 @@ class SparseGPT(SparsityCallback):
 
         trainer = Trainer(max_steps=500, callbacks=[SparseGPT(nm="2:4", at="fit_end", exclude=["head.weight"])])
     """
+
+    supports_fsdp2 = True
 
     def __init__(
         self,
