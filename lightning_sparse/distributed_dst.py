@@ -4,9 +4,10 @@ Every function takes this rank's rows (flat local indices where it says so) and 
 ``group=None`` means this process alone (no collective: the single-process and DDP case). Selections go through
 :func:`~lightning_sparse.distributed.distributed_topk` (exact radix select, lower global flat index first among
 ties), so a layer's traffic is a few histograms whatever its size; every element passed to a collective here is
-counted in :data:`~lightning_sparse.distributed.TRAFFIC`. Random scores are drawn whole on every rank from the
-shared generator and cut to the rank's rows (:func:`own_rows`): no traffic, one transient float32 copy of the
-layer per rank, and the generator advances exactly as in one process.
+counted in :data:`~lightning_sparse.distributed.TRAFFIC`. Random scores (SET, MEST ``grow="random"``, random
+initial masks) need no collective: every rank draws the whole layer from the shared generator, in slabs, and keeps
+its rows (:func:`~lightning_sparse.core.scores.random_rows`): no traffic, memory of its rows plus one 16 MB slab, the
+time of the whole layer's draws on every rank, and the generator advances exactly as in one process.
 
 Example::
 

@@ -310,9 +310,8 @@ class DynamicSparseTraining(SparsityCallback):
         return changed
 
     def _initial_masks(self, step: int) -> dict[str, Tensor]:
-        if self.init == "random":  # FSDP2: every rank draws the whole layer and keeps its rows (one process's draws)
-            init_scores = {name: own_rows(scores.random(p, self.generator), self.masks.shards[name])
-                           for name, p in self.masks.params.items()}
+        if self.init == "random":
+            init_scores = {name: self._random_scores(name) for name in self.masks.params}
         else:
             init_scores = {name: scores.magnitude(self.masks.local_param(name)) for name in self.masks.params}
         global_density = self.final_density if self.distribution == "global" else None
@@ -369,12 +368,20 @@ class DynamicSparseTraining(SparsityCallback):
         if custom is not None:  # refused under FSDP2 (setup)
             state = next((opt.state[param] for opt in optimizers if param in opt.state), {})
             return check_scores(criterion_name(criterion), custom(param, grad, state), param)
-        shard = self.masks.shards[name]
-        if criterion == "random" and shard is not None:  # the whole layer's draws, this rank's rows
-            return own_rows(scores.random(param, self.generator), shard)
+        if criterion == "random":
+            return self._random_scores(name)
         momentum = None if self.momentum is None else self.momentum[name]
         return builtin_scores(criterion, ScoreInputs(self.masks.local_param(name), grad, momentum, self.generator,
                                                      self.gamma))
+
+    def _random_scores(self, name: str) -> Tensor:
+        """Random scores of target ``name`` from the generator; under FSDP2 this rank's rows of the whole layer's
+        draws (every rank draws them all, keeping its rows: the generator stays identical on every rank)."""
+        param, shard = self.masks.params[name], self.masks.shards[name]
+        if shard is None:
+            return scores.random(param, self.generator)
+        start, device = shard.row_offset, self.masks.masks[name].device
+        return scores.random_rows(tuple(param.shape), self.generator, start, start + shard.rows, device)
 
     # ----------------------------------------------------------------------------------------- state
     def extra_state_dict(self) -> dict[str, Any]:
