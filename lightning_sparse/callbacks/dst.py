@@ -22,6 +22,12 @@ exponential average (decay 0.9) of the dense gradients that this callback keeps,
 depend on the optimizer (plain SGD has no momentum; a regrown weight's optimizer state is zeroed). Memory:
 gradient criteria copy the targets' gradients on update steps only; ``momentum`` (growth or redistribution)
 keeps one dense float32 copy of the targets and updates it every step.
+
+Under FSDP2 (Lightning's ``ModelParallelStrategy``, ``fully_shard``) every update equals the one a single process
+computes from the whole weights, gradients, momentum and generator: masks, gradients and momentum stay beside each
+rank's rows; drops and grows are exact selections across the shards
+(:mod:`lightning_sparse.distributed_dst`: a few 256-bin histograms per layer, whatever its size); random scores are
+every rank's rows of the whole layer's draws. Custom criteria are refused there (they would see sharded tensors).
 """
 
 from __future__ import annotations
@@ -110,8 +116,9 @@ class DynamicSparseTraining(SparsityCallback):
 
     Raises:
         ValueError: for an unknown criterion, ``drop_fraction`` outside [0, 1), ``update_every < 1``, ``stop_at``
-            outside (0, 1], an N:M pattern, an unknown ``init``/``redistribution``, ``gamma < 0``; during fit for
-            a criterion returning scores of the wrong shape, or a gradient criterion with no gradient.
+            outside (0, 1], an N:M pattern, an unknown ``init``/``redistribution``, ``gamma < 0``; at setup for a
+            custom (callable or registered) criterion under ``ModelParallelStrategy``; during fit for a criterion
+            returning scores of the wrong shape, or a gradient criterion with no gradient.
         TypeError: for arguments of the wrong type.
 
     Example::
