@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_sparse.core.criteria import fixed_point_mean, fixed_point_shift, fixed_point_sum, sign_split
-from lightning_sparse.core.masks import count_true, flat_nonzero
+from lightning_sparse.core.masks import all_finite, count_true, flat_nonzero
 from lightning_sparse.distributed import TRAFFIC, Shard, distributed_topk
 
 _OPS = {"sum": "SUM", "max": "MAX"}
@@ -43,9 +43,10 @@ def reduce(tensor: Tensor, group: object, op: str = "sum") -> Tensor:
 
 
 def all_finite_everywhere(tensors: Sequence[Tensor], group: object) -> bool:
-    """Whether every entry of every rank's ``tensors`` is finite (the same answer on every rank)."""
-    bad = sum(int((~torch.isfinite(t.detach())).sum()) for t in tensors if t.is_floating_point() and t.numel())
-    return int(reduce(torch.tensor([bad], dtype=torch.int64), group)[0]) == 0
+    """Whether every entry of every rank's ``tensors`` is finite (the same answer on every rank: one collective of
+    one number)."""
+    bad = torch.tensor([0 if all_finite(list(tensors)) else 1], dtype=torch.int64)
+    return int(reduce(bad, group)[0]) == 0
 
 
 def check_finite_everywhere(values: Tensor, group: object, argument: str = "scores") -> None:

@@ -241,8 +241,8 @@ class DynamicSparseTraining(SparsityCallback):
             if not (isinstance(criterion, str) and criterion in builtins):
                 raise ValueError(
                     f"{type(self).__name__}({argument}={criterion_name(criterion)!r}) is not supported under "
-                    f"ModelParallelStrategy (FSDP2): a custom criterion sees whole parameters, which are sharded "
-                    f"there; what works: {argument} in {list(builtins)}"
+                    f"ModelParallelStrategy (FSDP2): a custom criterion is called with whole parameters and "
+                    f"gradients, which are sharded there; what works: {argument} in {list(builtins)}"
                 )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
