@@ -34,11 +34,12 @@ class ForkedModelParallel(ModelParallelStrategy):
 
 
 class ShardedNet(pl.LightningModule):
-    """3 Linear layers with 40, 24 and 7 rows (the last split 4 + 3 over 2 ranks), each ``fully_shard`` ed."""
+    """3 Linear layers with ``hidden`` (40), 24 and 7 rows (the last split 4 + 3 over 2 ranks), each
+    ``fully_shard`` ed."""
 
-    def __init__(self) -> None:
+    def __init__(self, hidden: int = 40) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(16, 40), nn.ReLU(), nn.Linear(40, 24), nn.ReLU())
+        self.body = nn.Sequential(nn.Linear(16, hidden), nn.ReLU(), nn.Linear(hidden, 24), nn.ReLU())
         self.head = nn.Linear(24, 7)
 
     def configure_model(self) -> None:
@@ -56,9 +57,9 @@ class ShardedNet(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-2)
 
 
-def sharded_model() -> ShardedNet:
+def sharded_model(hidden: int = 40) -> ShardedNet:
     torch.manual_seed(0)
-    return ShardedNet()
+    return ShardedNet(hidden)
 
 
 def data() -> torch.utils.data.DataLoader:
@@ -89,21 +90,20 @@ class DumpFull(Callback):
             total = sum(m.numel() for m in masks.values())
             budget = {"total": round(callback.target_density(trainer.global_step) * total)}
         state = {"masks": masks, "weights": weights, "checked": getattr(callback, "checked", 0),
-                 "traffic": getattr(callback, "traffic", None), "density": callback.masks.global_density(),
+                 "traffic": getattr(callback, "traffic", None), "updates": getattr(callback, "updates", None),
+                 "density": callback.masks.global_density(),
                  "budget": budget}
         torch.save(state, self.root / f"rank{trainer.global_rank}.pt")
 
 
 def fit(callbacks: list[Callback], root: Path, epochs: int = 2, ckpt_path: str | None = None,
-        model: type[pl.LightningModule] | None = None, **kwargs) -> None:
-    """Train ``model`` (default :class:`ShardedNet`, seeded) on 2 forked ranks under ``ModelParallelStrategy``."""
+        model: pl.LightningModule | None = None, **kwargs) -> None:
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy=ForkedModelParallel(data_parallel_size=2, tensor_parallel_size=1),
         max_epochs=epochs, callbacks=[*callbacks, DumpFull(root)], logger=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=root, **kwargs,
     )
-    torch.manual_seed(0)
-    trainer.fit((model or ShardedNet)(), data(), ckpt_path=ckpt_path)
+    trainer.fit(model or sharded_model(), data(), ckpt_path=ckpt_path)
 
 
 def results(root: Path) -> list[dict]:
@@ -143,6 +143,11 @@ class BlockNet(ShardedNet):
 class PlainBlockNet(BlockNet):
     def configure_model(self) -> None:
         pass
+
+
+def block_model() -> BlockNet:
+    torch.manual_seed(0)
+    return BlockNet()
 
 
 class PlainNet(ShardedNet):

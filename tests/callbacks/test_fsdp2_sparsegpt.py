@@ -38,10 +38,10 @@ class CheckedSparseGPT(SparseGPT):
 
 
 CASES = {
-    "2:4": (lambda: CheckedSparseGPT(nm="2:4", calibration_batches=2), fsdp2.ShardedNet),
-    "unstructured-at-step": (lambda: CheckedSparseGPT(density=0.4, at=3, calibration_batches=3), fsdp2.ShardedNet),
+    "2:4": (lambda: CheckedSparseGPT(nm="2:4", calibration_batches=2), fsdp2.sharded_model),
+    "unstructured-at-step": (lambda: CheckedSparseGPT(density=0.4, at=3, calibration_batches=3), fsdp2.sharded_model),
     "blocks-2:4": (lambda: CheckedSparseGPT(nm="2:4", include="blocks.*.weight", calibration_batches=2),
-                   fsdp2.BlockNet),
+                   fsdp2.block_model),
 }
 
 
@@ -51,7 +51,7 @@ def test_sharded_sparsegpt_equals_one_process_and_resumes_exactly(case, tmp_path
     full = tmp_path / "full"
     full.mkdir()
     every_epoch = ModelCheckpoint(dirpath=full, every_n_epochs=1, save_top_k=-1, filename="{epoch}")
-    fsdp2.fit([make(), every_epoch], full, model=model)
+    fsdp2.fit([make(), every_epoch], full, model=model())
     ranks = fsdp2.results(full)
     assert ranks[0]["checked"] == ranks[1]["checked"] == 1
     for name, mask in ranks[0]["masks"].items():
@@ -63,7 +63,7 @@ def test_sharded_sparsegpt_equals_one_process_and_resumes_exactly(case, tmp_path
         assert torch.equal(weight, ranks[1]["weights"][name]), f"{name} differs between ranks"
     resumed = tmp_path / "resumed"
     resumed.mkdir()
-    fsdp2.fit([make()], resumed, ckpt_path=str(full / "epoch=0.ckpt"), enable_checkpointing=False, model=model)
+    fsdp2.fit([make()], resumed, ckpt_path=str(full / "epoch=0.ckpt"), enable_checkpointing=False, model=model())
     again = fsdp2.results(resumed)[0]
     assert again["checked"] == 0  # pruned once, before the checkpoint: never again
     for name, mask in ranks[0]["masks"].items():
