@@ -121,6 +121,55 @@ def load_sharded(path: str | Path, state: Mapping[str, Any], params: Mapping[str
             for name in params}
 
 
+TENSORS = "sharded_tensors"
+
+
+def tensor_key(tag: str, kind: str, name: str) -> str:
+    return f"{MASKS_KEY}.{tag}.{kind}.{name}"
+
+
+def tensor_reference(tag: str, kind: str, tensors: Mapping[str, Tensor], params: Mapping[str, Any]) -> dict[str, Any]:
+    """What a callback's state holds in place of per-weight tensors (``kind``: e.g. ``"momentum"``) that live beside
+    the shards: where they are, their dtype and whole shapes."""
+    return {TENSORS: tag, "kind": kind, "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."),
+            "shapes": {name: list(params[name].shape) for name in tensors}}
+
+
+def is_tensor_reference(state: Any) -> bool:
+    return isinstance(state, Mapping) and TENSORS in state
+
+
+def tensor_entries(tag: str, kind: str, tensors: Mapping[str, Tensor], params: Mapping[str, Any]) -> dict[str, Any]:
+    """``state_dict`` entries for this rank's rows of per-weight tensors, as ``DTensor`` s sharded like the weights."""
+    entries = {}
+    for name, tensor in tensors.items():
+        shape = (params[name].shape[0], _row_size(params[name].shape))
+        rows = tensor.detach().reshape(tensor.shape[0], shape[1]).cpu()
+        entries[tensor_key(tag, kind, name)] = _as_dtensor(rows, params[name], shape)
+    return entries
+
+
+def _row_size(shape: tuple[int, ...]) -> int:
+    size = 1
+    for dim in shape[1:]:
+        size *= dim
+    return size
+
+
+def load_tensors(path: str | Path, state: Mapping[str, Any], params: Mapping[str, Any],
+                 shards: Mapping[str, Shard]) -> dict[str, Tensor]:
+    """This rank's rows of the tensors a :func:`tensor_reference` points to, read from the checkpoint ``path``."""
+    import torch.distributed.checkpoint as dcp
+
+    tag, kind, dtype = state[TENSORS], state["kind"], getattr(torch, state["dtype"])
+    buffers = {}
+    for name in state["shapes"]:
+        shape = (params[name].shape[0], _row_size(params[name].shape))
+        buffers[name] = _as_dtensor(torch.empty(shards[name].rows, shape[1], dtype=dtype), params[name], shape)
+    dcp.load({"state_dict": {tensor_key(tag, kind, n): b for n, b in buffers.items()}}, checkpoint_id=str(path))
+    return {name: b.to_local().reshape(shards[name].rows, *params[name].shape[1:]) for name, b in buffers.items()}
+
+
 def inline_masks(checkpoint: dict[str, Any]) -> int:
     """Move the masks of a loaded distributed checkpoint (a plain dict, as Lightning's consolidation reads it) out of
     ``state_dict`` into each callback's state, as whole packed masks; returns how many callbacks held some."""
@@ -131,6 +180,10 @@ def inline_masks(checkpoint: dict[str, Any]) -> int:
             continue
         tag, shapes = state["masks"][SHARDED], state["masks"]["shapes"]
         state["masks"] = {PACKED: {name: model.pop(mask_key(tag, name)) for name in shapes}, "shapes": shapes}
+        for key, value in list(state.items()):  # other per-weight tensors: whole, as one process keeps them
+            if isinstance(value, Mapping) and TENSORS in value:
+                state[key] = {name: model.pop(tensor_key(value[TENSORS], value["kind"], name)).reshape(shape)
+                              for name, shape in value["shapes"].items()}
         moved += 1
     return moved
 

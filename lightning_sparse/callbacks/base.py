@@ -47,7 +47,15 @@ from lightning_sparse.core.patterns import NM, parse_pattern
 from lightning_sparse.core.selection import select_masks
 from lightning_sparse.distributed import check_shard, select_sharded_masks
 from lightning_sparse.layers import check_pattern, kind_of
-from lightning_sparse.mask_checkpoint import reference, sharded_entries, tag_of
+from lightning_sparse.mask_checkpoint import (
+    is_tensor_reference,
+    load_tensors,
+    reference,
+    sharded_entries,
+    tag_of,
+    tensor_entries,
+    tensor_reference,
+)
 from lightning_sparse.masking import MaskState
 from lightning_sparse.targets import as_globs, describe_targets, select_targets
 
@@ -409,7 +417,10 @@ class SparsityCallback(Callback):
             checkpoint.setdefault("callbacks", {})[self.state_key] = self._resume_state
         if self._sharded_save and self.masks is not None:  # each rank's packed rows, into the distributed checkpoint
             masks = self._resume_masks if self._resume_masks is not None else self.masks.masks
-            checkpoint["state_dict"].update(sharded_entries(tag_of(self.state_key), masks, self.masks.params))
+            tag = tag_of(self.state_key)
+            checkpoint["state_dict"].update(sharded_entries(tag, masks, self.masks.params))
+            for kind, tensors in self.sharded_state_tensors().items():
+                checkpoint["state_dict"].update(tensor_entries(tag, kind, tensors, self.masks.params))
 
     def _restore_weights(self, weights: dict[str, Tensor] | None) -> None:
         if weights is not None:
@@ -421,12 +432,30 @@ class SparsityCallback(Callback):
         if self.masks is None:
             return {}
         shapes = {name: tuple(p.shape) for name, p in self.masks.params.items()}
+        tag = tag_of(self.state_key)
+        sharded = {kind: tensor_reference(tag, kind, tensors, self.masks.params)
+                   for kind, tensors in self.sharded_state_tensors().items()} if self._sharded_save else {}
         return {
-            "masks": reference(tag_of(self.state_key), shapes) if self._sharded_save else self.masks.state_dict(),
+            "masks": reference(tag, shapes) if self._sharded_save else self.masks.state_dict(),
             "last_update_step": self.last_update_step,
             "generator": self.generator.get_state(),
             **self.extra_state_dict(),
+            **sharded,
         }
+
+    def sharded_state_tensors(self) -> dict[str, dict[str, Tensor]]:
+        """Per-weight state tensors beside the shards (``kind -> name -> this rank's rows``) that a distributed
+        checkpoint stores rank by rank instead of in the callback's state (override with
+        :meth:`load_sharded_state_tensors`; :meth:`extra_state_dict` leaves them out when :attr:`saves_sharded`)."""
+        return {}
+
+    def load_sharded_state_tensors(self, kind: str, tensors: dict[str, Tensor]) -> None:
+        """Take back this rank's rows of the tensors :meth:`sharded_state_tensors` gave under ``kind``."""
+
+    @property
+    def saves_sharded(self) -> bool:
+        """Whether checkpoints store the masks (and :meth:`sharded_state_tensors`) rank by rank (FSDP2)."""
+        return self._sharded_save
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         """Refuse a checkpoint whose state for this class was saved under other arguments (masks would be lost)."""
@@ -449,6 +478,9 @@ class SparsityCallback(Callback):
     def _restore(self, state: dict[str, Any], path: str | None = None) -> None:
         state = dict(state)
         self.masks.load_state_dict(state.pop("masks"), path)
+        for kind in [key for key, value in state.items() if is_tensor_reference(value)]:
+            self.load_sharded_state_tensors(kind, load_tensors(path, state.pop(kind), self.masks.params,
+                                                                self.masks.shards))
         self._restore_weights(state.pop(RESUME_WEIGHTS, None))
         if self.hard_mask:
             self.masks.apply_to_weights()

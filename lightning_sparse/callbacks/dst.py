@@ -392,11 +392,17 @@ class DynamicSparseTraining(SparsityCallback):
 
     # ----------------------------------------------------------------------------------------- state
     def extra_state_dict(self) -> dict[str, Any]:
-        if self.momentum is None:
+        if self.momentum is None or self.saves_sharded:  # sharded: rank by rank (sharded_state_tensors)
             return {}
         shards = self.masks.shards  # FSDP2: whole tensors (every rank calls state_dict), as in one process
         return {"momentum": {name: (m if shards[name] is None else gather_rows(m, shards[name])).detach().cpu().clone()
                              for name, m in self.momentum.items()}}
+
+    def sharded_state_tensors(self) -> dict[str, dict[str, Tensor]]:
+        return {} if self.momentum is None else {"momentum": self.momentum}
+
+    def load_sharded_state_tensors(self, kind: str, tensors: dict[str, Tensor]) -> None:
+        self.momentum = {name: t.to(self.masks.masks[name].device) for name, t in tensors.items()}
 
     def load_extra_state_dict(self, state: dict[str, Any]) -> None:
         momentum = state.get("momentum")

@@ -133,3 +133,19 @@ def test_the_consolidate_command_reports_a_bad_folder(tmp_path, capsys):
         main([str(tmp_path / "missing")])
     assert exit_info.value.code == 2
     assert "path must be a distributed checkpoint folder" in capsys.readouterr().err
+
+
+@pytest.mark.ddp
+def test_per_weight_state_is_written_rank_by_rank_too(tmp_path):
+    from lightning_sparse.callbacks import SNFS
+
+    full = tmp_path / "full"
+    fsdp2.fit([SNFS(density=0.5, update_every=2, stop_at=1.0), _checkpointed(full)], full, epochs=1)
+    folder = full / "epoch=0.ckpt"
+    meta = torch.load(folder / "meta.pt", weights_only=False)
+    (state,) = [s for key, s in meta["callbacks"].items() if key.startswith("SNFS")]
+    assert not any(isinstance(v, torch.Tensor) for v in state["momentum"].values()), "meta.pt holds the momentum"
+    whole = torch.load(consolidate(folder), weights_only=False)
+    (state,) = [s for key, s in whole["callbacks"].items() if key.startswith("SNFS")]
+    assert {name: tuple(m.shape) for name, m in state["momentum"].items()} == SHAPES
+    assert not any(MASKS_KEY in key for key in whole["state_dict"])
