@@ -60,6 +60,17 @@ from lightning_sparse.masking import MaskState
 from lightning_sparse.targets import as_globs, describe_targets, select_targets
 
 
+def stream_seed(seed: int) -> int:
+    """The seed of a callback's own generator: ``seed`` mixed with a constant, so that it never draws the numbers
+    ``torch.manual_seed(seed)`` gave the model's initialisation (``seed_everything(0)`` and a callback's default
+    ``seed=0`` would otherwise make random masks keep exactly the weights drawn largest).
+
+    >>> stream_seed(0) != 0 and stream_seed(0) == stream_seed(0)
+    True
+    """
+    return (seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % 2**63
+
+
 def fsdp2_algorithms() -> list[str]:
     """The names of the library's callbacks that run under ``ModelParallelStrategy`` (FSDP2), sorted."""
     import lightning_sparse.callbacks  # noqa: F401  (every algorithm's class defined)
@@ -137,7 +148,7 @@ class SparsityCallback(Callback):
         self.skip_first, self.skip_last = bool(skip_first), bool(skip_last)
         self.update_every = check_int("update_every", update_every, 1)
         self.seed = check_int("seed", seed, 0)
-        self.generator = torch.Generator().manual_seed(self.seed)
+        self.generator = torch.Generator().manual_seed(stream_seed(self.seed))
         self.masks: MaskState | None = None
         self.layer_overrides: dict[str, float] = {}
         self.last_update_step = -1
