@@ -56,8 +56,10 @@ def readable_progress_bar(trainer: pl.Trainer) -> None:
 
 
 class SparsityMonitor(Callback):
-    """Log ``sparsity/density`` (global, in the progress bar) and, per target, ``sparsity/density/<name>`` and
-    ``sparsity/target/<name>``; print a per-layer table when fit ends.
+    """Log the global and per-layer density to any logger; print a per-layer table when fit ends.
+
+    Logs ``sparsity/density`` (global, in the progress bar) and, per target, ``sparsity/density/<name>`` and
+    ``sparsity/target/<name>``.
 
     Works with any logger (CSVLogger, TensorBoardLogger, ...). Targets come from the trainer's sparsity
     callbacks, or the default targets when there is none.
