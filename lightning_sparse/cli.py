@@ -62,8 +62,8 @@ class SparseCLI(LightningCLI):
     """``LightningCLI`` for any LightningModule/LightningDataModule, with the ``--sparsity`` and ``--schedule`` groups,
     ``--test_after_fit``, bundled recipes by name (``--config gmp``) and one-line errors."""
 
-    def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]) -> None:
-        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any], sub_kwargs: dict[str, Any]) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, sub_kwargs)
         self.parser.description = "Sparse training with PyTorch Lightning: every algorithm is a callback."
         self.parser.epilog = overview()
         self.parser.formatter_class = RawEpilogFormatter

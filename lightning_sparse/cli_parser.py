@@ -23,8 +23,15 @@ from typing import Any, NoReturn
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningArgumentParser
 
-__all__ = ["DEBUG_VARIABLE", "RawEpilogFormatter", "SparseArgumentParser", "algorithm_names", "constructor_error", "debug_active",
-           "short_error"]
+__all__ = [
+    "DEBUG_VARIABLE",
+    "RawEpilogFormatter",
+    "SparseArgumentParser",
+    "algorithm_names",
+    "constructor_error",
+    "debug_active",
+    "short_error",
+]
 
 DEBUG_VARIABLE = "LIGHTNING_SPARSE_DEBUG"
 _KEY = re.compile(r'Parser key "([\w.]+)"')
