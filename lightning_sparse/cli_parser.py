@@ -76,8 +76,9 @@ def _parameters(class_path: str) -> list[str]:
 
 def _reason(message: str) -> str:
     """The innermost line of ``message`` that states a reason (not jsonargparse's list of the types it tried)."""
-    lines = [line.strip().removeprefix("- ").strip() for line in message.splitlines()]
-    reasons = [line for line in lines if line and not line.startswith(_NOISE) and not _KEY.fullmatch(line.rstrip(":"))
+    lines = [re.sub(r'^Parser key "[\w.]+":\s*', "", line.strip().removeprefix("- ").strip()) for line in
+             message.splitlines()]
+    reasons = [line for line in lines if line and not line.startswith(_NOISE)
                and not line.startswith("Problem with given class_path")]
     return reasons[-1] if reasons else lines[0]
 
