@@ -52,7 +52,8 @@ def test_stored_line_counts_the_bytes_written(digits_checkpoint, tmp_path):
     components = sum(t.numel() * t.element_size() for t in load_file(tmp_path / "sparse.safetensors").values())
     dense = (32 * 64 + 10 * 32) * 4  # float32 weights of net.1 and net.3
     after = components + 10 * 32 * 4  # net.1 as stored, net.3 dense
-    assert stored_line(manifest, tmp_path) == f"1 of 2 layers stored sparse ({dense / 1e6:.3g} MB -> {after / 1e6:.3g} MB)"
+    expected = f"1 of 2 layers stored sparse ({dense / 1e6:.3g} MB -> {after / 1e6:.3g} MB)"
+    assert stored_line(manifest, tmp_path) == expected
     assert after < dense
 
 
