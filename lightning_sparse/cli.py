@@ -84,6 +84,17 @@ class SparseCLI(LightningCLI):
         parser.add_subclass_arguments(SparsityScheduler, "schedule", required=False, fail_untyped=False,
                                       help="The density / sharpness / drop-fraction schedule (SparsityScheduler).")
 
+    def before_instantiate_classes(self) -> None:
+        """Refuses ``--sparsity.density 0.5`` without an algorithm: jsonargparse would build the base class."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        class_path = (config.get("sparsity") or {}).get("class_path") or ""
+        if class_path.rpartition(".")[2] not in ("", *algorithm_names()) and class_path.startswith("lightning_sparse."):
+            name = class_path.rpartition(".")[2]
+            self._parser(self.subcommand).fail(
+                f"--sparsity: {name} is a base class, not an algorithm; name one first, e.g. --sparsity RigL "
+                f"--sparsity.density 0.5 (algorithms: {', '.join(algorithm_names())})"
+            )
+
     def instantiate_classes(self) -> None:
         """Builds the classes; a ValueError/TypeError of a constructor (a bad value) is one line under the usage, exit
         status 2, like a parser error (the trace with ``LIGHTNING_SPARSE_DEBUG=1``)."""

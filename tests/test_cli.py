@@ -68,9 +68,13 @@ def test_no_group_adds_no_callback(capsys):
         (["--sparsty", "RigL"], r"--sparsty: no such option \(did you mean --sparsity\?\)"),
         (["--trainer.callbacks+", "SparsityMonitor", "--trainer.callbacks.log_every_n_steps", "0"],
          "--trainer.callbacks: SparsityMonitor: log_every_n_steps must be >= 1, got 0"),
+        (["--config", "dense", "--sparsity.density", "0.5"],
+         r"--sparsity: SparsityCallback is a base class, not an algorithm; name one first, e.g. --sparsity RigL "
+         r"--sparsity.density 0.5 \(algorithms: .*RigL.*\)"),
         (["--config", "gmpp"], r"--config 'gmpp' is neither a file nor a bundled recipe; recipes: \[.*'gmp'.*"),
     ],
-    ids=["range", "type", "unknown-algorithm", "unknown-option", "unknown-group", "listed-callback", "recipe"],
+    ids=["range", "type", "unknown-algorithm", "unknown-option", "unknown-group", "listed-callback", "no-algorithm",
+         "recipe"],
 )
 def test_a_bad_value_is_one_line_under_the_usage(args, message, capsys, monkeypatch):
     monkeypatch.delenv("LIGHTNING_SPARSE_DEBUG", raising=False)
