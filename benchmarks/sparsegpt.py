@@ -2,6 +2,7 @@
 
     python benchmarks/sparsegpt.py --save runs/chargpt.ckpt   # train 400 steps, prune copies of the model
     python benchmarks/sparsegpt.py --ckpt runs/chargpt.ckpt   # or start from a checkpoint of CharGPT
+    python benchmarks/sparsegpt.py --hf [options]             # the Hugging Face Llama vs ModelOpt run (sparsegpt_hf.py)
 
 For every Linear / attention projection of the model: the relative reconstruction error
 ``||W X - W' X||_F / ||W X||_F`` on held-out inputs X (the dense model's layer inputs on test-split batches never used
@@ -17,8 +18,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import itertools
 import math
+import pathlib
+import sys
 import time
 
 import lightning.pytorch as pl
@@ -74,7 +78,16 @@ def magnitude_(model: CharGPT, names: list[str], density: float | None = None) -
 
 
 def main() -> None:
+    if "--hf" in sys.argv[1:]:  # the options after it are sparsegpt_hf.py's
+        sys.argv.remove("--hf")
+        spec = importlib.util.spec_from_file_location("benchmark_sparsegpt_hf", pathlib.Path(__file__).with_name(
+            "sparsegpt_hf.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.main()
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hf", action="store_true", help="run benchmarks/sparsegpt_hf.py instead (its options follow)")
     parser.add_argument("--steps", type=int, default=400, help="training steps when no --ckpt is given")
     parser.add_argument("--ckpt", default=None, help="a Lightning checkpoint of CharGPT (skips training)")
     parser.add_argument("--save", default=None, help="write the trained model's checkpoint here (reuse with --ckpt)")

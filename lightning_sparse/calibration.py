@@ -7,7 +7,7 @@ Hugging Face datamodules yield), ``model(batch[0])`` for a tuple or list, ``mode
 target: GPT-2's ``transformer.h``, Llama's ``model.layers``). :class:`BlockInputs` runs the model once per batch up to
 the first block, keeps each batch's block inputs, and then runs one block at a time on them, passing each block's
 output to the next (what the SparseGPT paper does), so pruning a 32-block model costs about one forward of the model
-per calibration batch instead of one per target layer.
+per calibration batch instead of one per target layer (:mod:`lightning_sparse.replay` runs the passes of one block).
 
 Example::
 
@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from lightning_sparse.distributed import reshard_after_abort
 
 Forward = Callable[[nn.Module, Any], None]
 _CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
@@ -124,7 +126,7 @@ class BlockInputs:
         try:
             forward(model, batch)
         except _Reached:
-            pass
+            reshard_after_abort(model)
         finally:
             handle.remove()
         if not seen:
@@ -155,9 +157,12 @@ class BlockInputs:
 
         return run
 
-    def advance(self, index: int) -> None:
-        """Replace the cached inputs by block ``index``'s outputs (the next block's inputs)."""
-        outputs = self.run_block(index)
+    def advance(self, index: int, outputs: Sequence[Any] | None = None) -> None:
+        """Replace the cached inputs by block ``index``'s outputs (the next block's inputs); ``outputs``: the block's
+        outputs for every call when already computed (a tuple's first item is the hidden state)."""
+        outputs = self.run_block(index) if outputs is None else [
+            out[0] if isinstance(out, tuple | list) else out for out in outputs
+        ]
         self.calls = [
             ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
             for hidden, (args, kwargs) in zip(outputs, self.calls, strict=True)

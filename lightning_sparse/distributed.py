@@ -287,3 +287,16 @@ def select_sharded_masks(
         for name, chunk in zip(pooled, chosen, strict=True):
             masks[name] = patterns[name].expand(chunk, tuple(scores[name].shape))
     return {name: masks[name] for name in scores}
+
+
+def reshard_after_abort(module: torch.nn.Module) -> None:
+    """Put every FSDP2 module inside ``module`` back to its sharded state after a forward that was stopped by an
+    exception (its post-forward, which reshards, never ran): its next call gathers the current shards again instead
+    of reusing the stale unsharded weights."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            sub.reshard()

@@ -18,6 +18,8 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +27,7 @@ from torch import Tensor, nn
 from lightning_sparse.core.masks import count_true, flat_nonzero
 from lightning_sparse.core.patterns import Pattern, Unstructured
 from lightning_sparse.distributed import all_reduce_sum, gather_rows, local, shard_of
+from lightning_sparse.mask_checkpoint import PACKED, is_packed, is_reference, load_sharded, unpack_bits
 
 
 class MaskState:
@@ -152,13 +155,22 @@ class MaskState:
         """Whole masks as bool tensors on the CPU; block patterns store one bit per block."""
         return {name: self.patterns[name].compress(self.full_mask(name)).clone() for name in self.masks}
 
-    def check_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        """Raise ``ValueError`` unless ``state`` holds one mask of the right size for every parameter."""
-        if set(state) != set(self.params):
+    def check_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` unless ``state`` holds one mask of the right size for every parameter (whole masks,
+        or a reference to masks in a distributed checkpoint, or whole packed masks: see
+        :mod:`lightning_sparse.mask_checkpoint`)."""
+        names = sorted(state["shapes"]) if is_reference(state) or is_packed(state) else sorted(state)
+        if names != sorted(self.params):
             raise ValueError(
-                f"the checkpoint's masks do not match the model: checkpoint has {sorted(state)}, "
+                f"the checkpoint's masks do not match the model: checkpoint has {names}, "
                 f"the callback targets {sorted(self.params)}"
             )
+        if is_reference(state) or is_packed(state):
+            for name, shape in state["shapes"].items():
+                if tuple(shape) != tuple(self.params[name].shape):
+                    raise ValueError(f"the checkpoint's mask for {name} has shape {tuple(shape)} but the model's "
+                                     f"{name} has shape {tuple(self.params[name].shape)}")
+            return
         for name, stored in state.items():
             whole = torch.ones(tuple(self.params[name].shape), dtype=torch.bool, device="meta")
             expected = tuple(self.patterns[name].compress(whole).shape)
@@ -168,11 +180,21 @@ class MaskState:
                     f"{tuple(self.params[name].shape)} needs {expected} under pattern {self.pattern}"
                 )
 
-    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        """Restore masks saved by :meth:`state_dict` (does not touch the weights)."""
+    def load_state_dict(self, state: Mapping[str, Any], path: str | Path | None = None) -> None:
+        """Restore masks saved by :meth:`state_dict` (does not touch the weights); ``path``: the distributed
+        checkpoint that holds the masks a reference points to (every rank reads its rows)."""
         self.check_state_dict(state)
+        if is_reference(state):
+            if path is None:
+                raise ValueError("the checkpoint's masks are in a distributed checkpoint, but no checkpoint path was "
+                                 "given to read them from")
+            self.set_masks(load_sharded(path, state, self.params, self.shards))
+            return
         shapes = {name: tuple(p.shape) for name, p in self.params.items()}
-        masks = {name: self.patterns[name].expand(stored, shapes[name]) for name, stored in state.items()}
+        if is_packed(state):
+            masks = {name: unpack_bits(packed, shapes[name]) for name, packed in state[PACKED].items()}
+        else:
+            masks = {name: self.patterns[name].expand(stored, shapes[name]) for name, stored in state.items()}
         for name, shard in self.shards.items():
             if shard is not None:
                 masks[name] = masks[name][shard.row_offset : shard.row_offset + shard.rows]

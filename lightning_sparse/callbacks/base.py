@@ -47,10 +47,38 @@ from lightning_sparse.core.patterns import NM, parse_pattern
 from lightning_sparse.core.selection import select_masks
 from lightning_sparse.distributed import check_shard, select_sharded_masks
 from lightning_sparse.layers import check_pattern, kind_of
+from lightning_sparse.mask_checkpoint import (
+    is_tensor_reference,
+    load_tensors,
+    reference,
+    sharded_entries,
+    tag_of,
+    tensor_entries,
+    tensor_reference,
+)
 from lightning_sparse.masking import MaskState
 from lightning_sparse.targets import as_globs, describe_targets, select_targets
 
-FSDP2_ALGORITHMS = ("MagnitudePruning", "NMSparsity")
+
+def fsdp2_algorithms() -> list[str]:
+    """The names of the library's callbacks that run under ``ModelParallelStrategy`` (FSDP2), sorted."""
+    import lightning_sparse.callbacks  # noqa: F401  (every algorithm's class defined)
+
+    found, stack = set(), [SparsityCallback]
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        if cls.supports_fsdp2 and cls.__module__.startswith("lightning_sparse."):
+            found.add(cls.__name__)
+    return sorted(found)
+
+
+def saves_sharded(strategy: object) -> bool:
+    """Whether ``strategy`` writes distributed checkpoints (``ModelParallelStrategy``'s default), whose callback state
+    only rank 0 writes."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return isinstance(strategy, ModelParallelStrategy) and bool(getattr(strategy, "_save_distributed_checkpoint", True))
 
 
 class SparsityCallback(Callback):
@@ -117,6 +145,8 @@ class SparsityCallback(Callback):
         self._seen_step = -1
         self._pending: dict[str, Any] | None = None
         self._layouts: dict[str, bool] = {}
+        self._sharded_save = False  # masks go into the distributed checkpoint, rank by rank (mask_checkpoint)
+        self._resume_masks: dict[str, Tensor] | None = None  # the local masks kept with _resume_state
 
     def _check_nm(self, density: float | None, source: str = "density={}") -> None:
         if not isinstance(self.pattern, NM):
@@ -237,7 +267,7 @@ class SparsityCallback(Callback):
         strategy = getattr(trainer, "strategy", None)
         names = {cls.__name__ for cls in type(strategy).__mro__} if strategy is not None else set()
         works = ("single device, DDP (ddp, ddp_fork, ddp_spawn), and ModelParallelStrategy (FSDP2 fully_shard, "
-                 f"data parallel only) for {', '.join(FSDP2_ALGORITHMS)}")
+                 f"data parallel only) for {', '.join(fsdp2_algorithms())}")
         if names & {"DeepSpeedStrategy", "FSDPStrategy"}:
             raise ValueError(f"{type(self).__name__} does not support {type(strategy).__name__} (its parameters "
                              f"are flattened or partitioned out of the callback's sight); what works: {works}")
@@ -273,6 +303,7 @@ class SparsityCallback(Callback):
         ``setup``) replaces every parameter by a sharded one, found again here by name."""
         live = dict(pl_module.named_parameters())
         if all(live.get(name) is param for name, param in self.masks.params.items()):
+            self._sharded_save = self.masks.sharded and saves_sharded(trainer.strategy)
             return
         missing = [name for name in self.masks.params if name not in live]
         if missing:
@@ -281,6 +312,7 @@ class SparsityCallback(Callback):
         self.masks = MaskState({name: live[name] for name in self.masks.params}, self.pattern, self._layouts)
         for name, shard in self.masks.shards.items():
             check_shard(self.masks.pattern_of(name), name, shard, self._layouts[name])
+        self._sharded_save = self.masks.sharded and saves_sharded(trainer.strategy)
 
     def select(self, scores: dict[str, Tensor], densities: dict[str, float], global_density: float | None,
                fixed: set[str]) -> dict[str, Tensor]:
@@ -296,10 +328,10 @@ class SparsityCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # not on_fit_start: Lightning restores the loops (global_step) and optimizers after on_fit_start
         self._scheduler = find_scheduler(trainer)
-        self._resume_state = None  # training again: checkpoints hold the live state
+        self._resume_state = self._resume_masks = None  # training again: checkpoints hold the live state
         self._warn_short_run(trainer, at_end=False)
         if self._pending is not None:
-            self._restore(self._pending)
+            self._restore(self._pending, trainer.ckpt_path)
             self._pending = None
         step = trainer.global_step
         self._seen_step = step
@@ -377,10 +409,18 @@ class SparsityCallback(Callback):
             return
         weights = {name: self.masks.local_param(name) for name in self.masks.params}
         self._resume_state = snapshot(self.state_dict(), weights, self.masks.shards)
+        if self._sharded_save:
+            self._resume_masks = {name: mask.clone() for name, mask in self.masks.masks.items()}
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         if self._resume_state is not None:
             checkpoint.setdefault("callbacks", {})[self.state_key] = self._resume_state
+        if self._sharded_save and self.masks is not None:  # each rank's packed rows, into the distributed checkpoint
+            masks = self._resume_masks if self._resume_masks is not None else self.masks.masks
+            tag = tag_of(self.state_key)
+            checkpoint["state_dict"].update(sharded_entries(tag, masks, self.masks.params))
+            for kind, tensors in self.sharded_state_tensors().items():
+                checkpoint["state_dict"].update(tensor_entries(tag, kind, tensors, self.masks.params))
 
     def _restore_weights(self, weights: dict[str, Tensor] | None) -> None:
         if weights is not None:
@@ -391,12 +431,31 @@ class SparsityCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.masks is None:
             return {}
+        shapes = {name: tuple(p.shape) for name, p in self.masks.params.items()}
+        tag = tag_of(self.state_key)
+        sharded = {kind: tensor_reference(tag, kind, tensors, self.masks.params)
+                   for kind, tensors in self.sharded_state_tensors().items()} if self._sharded_save else {}
         return {
-            "masks": self.masks.state_dict(),
+            "masks": reference(tag, shapes) if self._sharded_save else self.masks.state_dict(),
             "last_update_step": self.last_update_step,
             "generator": self.generator.get_state(),
             **self.extra_state_dict(),
+            **sharded,
         }
+
+    def sharded_state_tensors(self) -> dict[str, dict[str, Tensor]]:
+        """Per-weight state tensors beside the shards (``kind -> name -> this rank's rows``) that a distributed
+        checkpoint stores rank by rank instead of in the callback's state (override with
+        :meth:`load_sharded_state_tensors`; :meth:`extra_state_dict` leaves them out when :attr:`saves_sharded`)."""
+        return {}
+
+    def load_sharded_state_tensors(self, kind: str, tensors: dict[str, Tensor]) -> None:
+        """Take back this rank's rows of the tensors :meth:`sharded_state_tensors` gave under ``kind``."""
+
+    @property
+    def saves_sharded(self) -> bool:
+        """Whether checkpoints store the masks (and :meth:`sharded_state_tensors`) rank by rank (FSDP2)."""
+        return self._sharded_save
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         """Refuse a checkpoint whose state for this class was saved under other arguments (masks would be lost)."""
@@ -416,9 +475,12 @@ class SparsityCallback(Callback):
             self.masks.check_state_dict(state_dict["masks"])
         self._pending = dict(state_dict)
 
-    def _restore(self, state: dict[str, Any]) -> None:
+    def _restore(self, state: dict[str, Any], path: str | None = None) -> None:
         state = dict(state)
-        self.masks.load_state_dict(state.pop("masks"))
+        self.masks.load_state_dict(state.pop("masks"), path)
+        for kind in [key for key, value in state.items() if is_tensor_reference(value)]:
+            self.load_sharded_state_tensors(kind, load_tensors(path, state.pop(kind), self.masks.params,
+                                                                self.masks.shards))
         self._restore_weights(state.pop(RESUME_WEIGHTS, None))
         if self.hard_mask:
             self.masks.apply_to_weights()

@@ -22,6 +22,12 @@ exponential average (decay 0.9) of the dense gradients that this callback keeps,
 depend on the optimizer (plain SGD has no momentum; a regrown weight's optimizer state is zeroed). Memory:
 gradient criteria copy the targets' gradients on update steps only; ``momentum`` (growth or redistribution)
 keeps one dense float32 copy of the targets and updates it every step.
+
+Under FSDP2 (Lightning's ``ModelParallelStrategy``, ``fully_shard``) every update equals the one a single process
+computes from the whole weights, gradients, momentum and generator: masks, gradients and momentum stay beside each
+rank's rows; drops and grows are exact selections across the shards
+(:mod:`lightning_sparse.distributed_dst`: a few 256-bin histograms per layer, whatever its size); random scores are
+every rank's rows of the whole layer's draws. Custom criteria are refused there (they would see sharded tensors).
 """
 
 from __future__ import annotations
@@ -55,8 +61,17 @@ from lightning_sparse.core.criteria import (
 )
 from lightning_sparse.core.masks import all_finite, count_true, flat_nonzero, grow_around, keep_highest_among
 from lightning_sparse.core.patterns import NM, parse_pattern
-from lightning_sparse.core.selection import select_masks
 from lightning_sparse.core.sparse_init import scale_to_active_fan_in_
+from lightning_sparse.distributed import gather_rows, local
+from lightning_sparse.distributed_dst import (
+    all_finite_everywhere,
+    momentum_means,
+    own_rows,
+    reduce,
+    sharded_drop_by_sign,
+    sharded_grow_around,
+    sharded_keep_highest,
+)
 
 MOMENTUM_DECAY = 0.9
 INITS = ("random", "magnitude")
@@ -101,8 +116,9 @@ class DynamicSparseTraining(SparsityCallback):
 
     Raises:
         ValueError: for an unknown criterion, ``drop_fraction`` outside [0, 1), ``update_every < 1``, ``stop_at``
-            outside (0, 1], an N:M pattern, an unknown ``init``/``redistribution``, ``gamma < 0``; during fit for
-            a criterion returning scores of the wrong shape, or a gradient criterion with no gradient.
+            outside (0, 1], an N:M pattern, an unknown ``init``/``redistribution``, ``gamma < 0``; at setup for a
+            custom (callable or registered) criterion under ``ModelParallelStrategy``; during fit for a criterion
+            returning scores of the wrong shape, or a gradient criterion with no gradient.
         TypeError: for arguments of the wrong type.
 
     Example::
@@ -113,6 +129,8 @@ class DynamicSparseTraining(SparsityCallback):
         dst = DynamicSparseTraining(drop="set", grow="gradient", density=0.1, update_every=100)
         trainer = Trainer(max_epochs=4, callbacks=[dst])
     """
+
+    supports_fsdp2 = True
 
     def __init__(
         self,
@@ -199,11 +217,34 @@ class DynamicSparseTraining(SparsityCallback):
         progress = min(step / self._stop_step, 1.0)
         return self.drop_fraction / 2 * (1 + math.cos(math.pi * progress))
 
+    @property
+    def _group(self) -> object:
+        """The process group of the targets' FSDP2 shards; ``None`` when they are not sharded (no collectives)."""
+        return next((shard.group for shard in self.masks.shards.values() if shard is not None), None)
+
     def _update_due(self, step: int) -> bool:
         return (self.update_every is not None and step % self.update_every == 0 and 0 < step < self._stop_step
                 and self.drop_fraction_at(step) > 0)
 
     # ----------------------------------------------------------------------------------------- hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Besides the base checks: under FSDP2 (``ModelParallelStrategy``) only the built-in criteria work.
+
+        Raises:
+            ValueError: under FSDP2 for a callable or registered criterion, naming it and the built-in ones.
+        """
+        super().setup(trainer, pl_module, stage)
+        strategy = getattr(trainer, "strategy", None)
+        if stage != "fit" or "ModelParallelStrategy" not in {cls.__name__ for cls in type(strategy).__mro__}:
+            return
+        for argument, criterion, builtins in (("drop", self.drop, DROP_CRITERIA), ("grow", self.grow, GROW_CRITERIA)):
+            if not (isinstance(criterion, str) and criterion in builtins):
+                raise ValueError(
+                    f"{type(self).__name__}({argument}={criterion_name(criterion)!r}) is not supported under "
+                    f"ModelParallelStrategy (FSDP2): a custom criterion is called with whole parameters and "
+                    f"gradients, which are sharded there; what works: {argument} in {list(builtins)}"
+                )
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         total = planned_steps(trainer)
         if total is None:
@@ -222,8 +263,10 @@ class DynamicSparseTraining(SparsityCallback):
         due = self._update_due(step)
         if not (due or self._tracks_momentum):
             return
-        grads = {name: p.grad for name, p in self.masks.params.items() if p.grad is not None}
-        finite = all_finite(list(grads.values()))
+        grads = {name: local(p.grad) for name, p in self.masks.params.items() if p.grad is not None}
+        group = self._group  # FSDP2: every rank must agree, so the check covers all shards
+        tensors = list(grads.values())
+        finite = all_finite(tensors) if group is None else all_finite_everywhere(tensors, group)
         if finite and self._tracks_momentum:
             self._track_momentum(grads)
         if due and not finite:
@@ -234,7 +277,8 @@ class DynamicSparseTraining(SparsityCallback):
 
     def _track_momentum(self, grads: dict[str, Tensor]) -> None:
         if self.momentum is None:
-            self.momentum = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in self.masks.params.items()}
+            self.momentum = {name: torch.zeros_like(self.masks.local_param(name), dtype=torch.float32)
+                             for name in self.masks.params}
         names = list(grads)
         torch._foreach_lerp_([self.momentum[n] for n in names], [grads[n].float() for n in names], 1 - MOMENTUM_DECAY)
 
@@ -268,64 +312,100 @@ class DynamicSparseTraining(SparsityCallback):
         initial = self.last_update_step < 0
         changed = super().update_masks(trainer, pl_module, step)
         if initial and self.scale_init:
-            for name, param in self.masks.params.items():
-                scale_to_active_fan_in_(param.data, self.masks.masks[name])
+            for name in self.masks.params:
+                scale_to_active_fan_in_(self.masks.local_param(name), self.masks.masks[name])
         return changed
 
     def _initial_masks(self, step: int) -> dict[str, Tensor]:
-        params = self.masks.params
-        score = (lambda p: scores.random(p, self.generator)) if self.init == "random" else scores.magnitude
-        init_scores = {name: score(p) for name, p in params.items()}
+        if self.init == "random":
+            init_scores = {name: self._random_scores(name) for name in self.masks.params}
+        else:
+            init_scores = {name: scores.magnitude(self.masks.local_param(name)) for name in self.masks.params}
         global_density = self.final_density if self.distribution == "global" else None
-        return select_masks(init_scores, self.layer_densities(step), self.masks.patterns, global_density,
-                            set(self.layer_overrides))
+        return self.select(init_scores, self.layer_densities(step), global_density, set(self.layer_overrides))
 
     def _rewire(self, optimizers: list, fraction: float) -> dict[str, Tensor]:
         groups = {name: self.masks.pattern_of(name).compress(mask) for name, mask in self.masks.masks.items()}
-        drops = {name: round(fraction * count_true(g)) for name, g in groups.items()}
-        grows = self._redistribute(groups, drops) if self.redistribution else drops
+        active = self._active_groups(groups)
+        drops = {name: round(fraction * active[name]) for name in groups}
+        grows = self._redistribute(active, drops) if self.redistribution else drops
         fresh = isinstance(self.grow, str) and self.grow in GROW_CRITERIA  # built-in scores are new tensors
-        masks = {}
+        group, masks = self._group, {}
         for name, group_mask in groups.items():
-            kept = self._kept_after_drop(name, group_mask, drops[name], optimizers)
+            kept = self._kept_after_drop(name, group_mask, drops[name], active[name], optimizers)
             grow_scores = self.masks.pattern_of(name).group_scores(self._scores(self.grow, name, optimizers))
-            grown = grow_around(grow_scores, kept, grows[name], overwrite=fresh).reshape(group_mask.shape)
-            masks[name] = self.masks.pattern_of(name).expand(grown, tuple(self.masks.params[name].shape))
+            if group is None:
+                grown = grow_around(grow_scores, kept, grows[name], overwrite=fresh)
+            else:
+                grown = sharded_grow_around(grow_scores, kept, grows[name], group)
+            masks[name] = self.masks.pattern_of(name).expand(grown.reshape(group_mask.shape),
+                                                             tuple(self.masks.masks[name].shape))
         return masks
 
-    def _kept_after_drop(self, name: str, group_mask: Tensor, n: int, optimizers: list) -> Tensor:
-        """Flat indices of the groups still active after dropping ``n``."""
-        pattern = self.masks.pattern_of(name)
+    def _active_groups(self, groups: dict[str, Tensor]) -> dict[str, int]:
+        """Active groups of each layer (over all shards: one collective of one number per layer)."""
+        counts = reduce(torch.tensor([count_true(g) for g in groups.values()], dtype=torch.int64), self._group)
+        return dict(zip(groups, counts.tolist(), strict=True))
+
+    def _kept_after_drop(self, name: str, group_mask: Tensor, n: int, active: int, optimizers: list) -> Tensor:
+        """Flat (local) indices of the groups still active after dropping ``n`` of the layer's ``active``."""
+        pattern, group = self.masks.pattern_of(name), self._group
         group_scores = pattern.group_scores(self._scores(self.drop, name, optimizers)).to(group_mask.device)
         if self.drop == "set":
-            return flat_nonzero(drop_by_sign(group_scores, group_mask, n))
-        active = flat_nonzero(group_mask)
-        return keep_highest_among(group_scores, active, active.numel() - n)
+            kept = drop_by_sign(group_scores, group_mask, n) if group is None else sharded_drop_by_sign(
+                group_scores, group_mask, n, group)
+            return flat_nonzero(kept)
+        if group is not None:
+            return sharded_keep_highest(group_scores, group_mask, active - n, group)
+        candidates = flat_nonzero(group_mask)
+        return keep_highest_among(group_scores, candidates, candidates.numel() - n)
 
-    def _redistribute(self, groups: dict[str, Tensor], drops: dict[str, int]) -> dict[str, int]:
-        weights = {}
-        for name, mask in self.masks.masks.items():
-            active = self.momentum[name].abs()[mask]
-            weights[name] = float(active.mean()) if active.numel() else 0.0
-        capacities = {name: g.numel() - count_true(g) + drops[name] for name, g in groups.items()}
+    def _redistribute(self, active: dict[str, int], drops: dict[str, int]) -> dict[str, int]:
+        values = {name: self.momentum[name].abs()[mask] for name, mask in self.masks.masks.items()}
+        sizes = {name: p.numel() for name, p in self.masks.params.items()}
+        weights = momentum_means(values, sizes, self._group)
+        shapes = {name: tuple(p.shape) for name, p in self.masks.params.items()}
+        capacities = {name: self.masks.pattern_of(name).num_groups(shapes[name]) - active[name] + drops[name]
+                      for name in active}
         return redistribute(drops, capacities, weights)
 
     def _scores(self, criterion: str | CriterionFn, name: str, optimizers: list) -> Tensor:
         param, grad = self.masks.params[name], (self._grads or {}).get(name)
         custom = criterion if callable(criterion) else registered_criterion(criterion)
-        if custom is not None:
+        if custom is not None:  # refused under FSDP2 (setup)
             state = next((opt.state[param] for opt in optimizers if param in opt.state), {})
             return check_scores(criterion_name(criterion), custom(param, grad, state), param)
+        if criterion == "random":
+            return self._random_scores(name)
         momentum = None if self.momentum is None else self.momentum[name]
-        return builtin_scores(criterion, ScoreInputs(param, grad, momentum, self.generator, self.gamma))
+        return builtin_scores(criterion, ScoreInputs(self.masks.local_param(name), grad, momentum, self.generator,
+                                                     self.gamma))
+
+    def _random_scores(self, name: str) -> Tensor:
+        """Random scores of target ``name`` from the generator; under FSDP2 this rank's rows of the whole layer's
+        draws (every rank draws them all, keeping its rows: the generator stays identical on every rank)."""
+        param, shard = self.masks.params[name], self.masks.shards[name]
+        if shard is None:
+            return scores.random(param, self.generator)
+        start, device = shard.row_offset, self.masks.masks[name].device
+        return scores.random_rows(tuple(param.shape), self.generator, start, start + shard.rows, device)
 
     # ----------------------------------------------------------------------------------------- state
     def extra_state_dict(self) -> dict[str, Any]:
-        if self.momentum is None:
+        if self.momentum is None or self.saves_sharded:  # sharded: rank by rank (sharded_state_tensors)
             return {}
-        return {"momentum": {name: m.detach().cpu().clone() for name, m in self.momentum.items()}}
+        shards = self.masks.shards  # FSDP2: whole tensors (every rank calls state_dict), as in one process
+        return {"momentum": {name: (m if shards[name] is None else gather_rows(m, shards[name])).detach().cpu().clone()
+                             for name, m in self.momentum.items()}}
+
+    def sharded_state_tensors(self) -> dict[str, dict[str, Tensor]]:
+        return {} if self.momentum is None else {"momentum": self.momentum}
+
+    def load_sharded_state_tensors(self, kind: str, tensors: dict[str, Tensor]) -> None:
+        self.momentum = {name: t.to(self.masks.masks[name].device) for name, t in tensors.items()}
 
     def load_extra_state_dict(self, state: dict[str, Any]) -> None:
         momentum = state.get("momentum")
         if momentum is not None:
-            self.momentum = {name: m.to(self.masks.params[name].device) for name, m in momentum.items()}
+            self.momentum = {name: own_rows(m, self.masks.shards[name]).to(self.masks.masks[name].device)
+                             for name, m in momentum.items()}

@@ -16,6 +16,9 @@ count :math:`D = \sum_l d_l` over the layers in proportion to their mean momentu
 solved exactly by water-filling (capped layers are fixed at :math:`c_l`, the rest re-split), then rounded to
 integers by largest remainder (ties: earlier layer first), so :math:`\sum_l g_l = D` exactly.
 
+The means :math:`\bar m_l` are computed in fixed point (:func:`fixed_point_sum`): an exact integer sum, the same
+whatever the order of the values or how FSDP2 splits them over ranks, so sharded and single-process runs agree.
+
 Example::
 
     >>> import torch
@@ -162,14 +165,27 @@ def drop_by_sign(values: Tensor, mask: Tensor, n: int) -> Tensor:
         ValueError: when ``n`` exceeds the active count.
     """
     positive, negative = mask & (values >= 0), mask & (values < 0)
-    n_positive_active, n_negative_active = int(positive.sum()), int(negative.sum())
+    n_positive, n_negative = sign_split(n, int(positive.sum()), int(negative.sum()))
+    magnitudes = values.abs()
+    return drop_lowest(magnitudes, positive, n_positive) | drop_lowest(magnitudes, negative, n_negative)
+
+
+def sign_split(n: int, n_positive_active: int, n_negative_active: int) -> tuple[int, int]:
+    """How many of ``n`` drops :func:`drop_by_sign` takes from the non-negative and from the negative active values.
+
+    Raises:
+        ValueError: when ``n`` exceeds the active count.
+
+    Example::
+
+        >>> sign_split(5, 10, 1)
+        (4, 1)
+    """
     if not 0 <= n <= n_positive_active + n_negative_active:
         raise ValueError(f"n must be in [0, {n_positive_active + n_negative_active}] (the active count), got {n}")
     n_negative = min(n_negative_active, n // 2)
     n_positive = min(n_positive_active, n - n_negative)
-    n_negative = n - n_positive
-    magnitudes = values.abs()
-    return drop_lowest(magnitudes, positive, n_positive) | drop_lowest(magnitudes, negative, n_negative)
+    return n_positive, n - n_positive
 
 
 def redistribute(drops: Mapping[str, int], capacities: Mapping[str, int], weights: Mapping[str, float]) -> dict:
@@ -199,6 +215,32 @@ def redistribute(drops: Mapping[str, int], capacities: Mapping[str, int], weight
             shares[n], left = Fraction(capacities[n]), left - capacities[n]
         free = [n for n in free if n not in capped]
     return _largest_remainder(shares, total)
+
+
+def fixed_point_shift(peak: float, count: int) -> int:
+    """The exponent ``s`` for which ``count`` values in ``[0, peak]``, each scaled by ``2**s`` and floored, sum below
+    ``2**62`` (no int64 overflow); the largest keeps ``61 - count.bit_length()`` bits (30 for a billion values).
+    ``0`` for ``peak <= 0``."""
+    if peak <= 0:
+        return 0
+    return 62 - max(count, 1).bit_length() - math.frexp(peak)[1]  # frexp: peak < 2**exponent
+
+
+def fixed_point_sum(values: Tensor, shift: int) -> int:
+    """``sum(floor(v * 2**shift))`` over non-negative ``values``, exactly (integer additions: any order, any split
+    of the values gives the same number). Float64 holds every float32 value and power-of-two scale exactly.
+
+    Example::
+
+        >>> fixed_point_sum(torch.tensor([0.5, 0.25, 0.125]), 3)
+        7
+    """
+    return int(torch.floor(values.detach().double() * 2.0**shift).to(torch.int64).sum())
+
+
+def fixed_point_mean(total: int, count: int, shift: int) -> float:
+    """The mean ``total / (count * 2**shift)`` of :func:`fixed_point_sum`'s values, rounded once; ``0.0`` when empty."""
+    return float(Fraction(total, count) / Fraction(2) ** shift) if count else 0.0
 
 
 def _largest_remainder(shares: Mapping[str, Fraction], total: int) -> dict[str, int]:

@@ -25,8 +25,12 @@ Example::
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+
+RANDOM_CHUNK = 1 << 22  # elements drawn at once by random_rows (16 MB of float32)
 
 
 def magnitude(weight: Tensor) -> Tensor:
@@ -75,3 +79,32 @@ def random(like: Tensor, generator: torch.Generator) -> Tensor:
     """Uniform random scores of ``like``'s shape drawn from ``generator`` (on the generator's device)."""
     values = torch.rand(like.shape, generator=generator, device=generator.device)
     return values.to(like.device)
+
+
+def random_rows(shape: tuple[int, ...], generator: torch.Generator, start: int, stop: int,
+                device: torch.device | str | None = None, chunk: int = RANDOM_CHUNK) -> Tensor:
+    """Rows ``start:stop`` (dim 0) of :func:`random` scores of ``shape`` (on ``device``), leaving ``generator`` where
+    drawing the whole tensor leaves it: every rank of a sharded layer gets its rows of one process's draws.
+
+    A CPU generator draws one number per element in order, so the whole tensor is drawn in slabs of whole rows of
+    about ``chunk`` elements and only rows ``start:stop`` are kept: memory is those rows plus one slab, time is the
+    whole draw. Other generators draw the whole tensor at once.
+
+    Example::
+
+        >>> whole = random(torch.empty(5, 3), torch.Generator().manual_seed(0))
+        >>> torch.equal(random_rows((5, 3), torch.Generator().manual_seed(0), 1, 3), whole[1:3])
+        True
+    """
+    if generator.device.type != "cpu" or not shape:
+        whole = torch.rand(shape, generator=generator, device=generator.device)
+        return whole[start:stop].clone().to(device) if shape else whole.to(device)
+    rows, row_size = shape[0], math.prod(shape[1:])
+    step = max(1, chunk // max(row_size, 1))
+    kept = []
+    for first in range(0, rows, step):
+        slab = torch.rand((min(step, rows - first), *shape[1:]), generator=generator)
+        low, high = max(start, first) - first, min(stop, first + slab.shape[0]) - first
+        if low < high:
+            kept.append(slab[low:high].clone() if high - low < slab.shape[0] else slab)
+    return (torch.cat(kept) if kept else torch.empty((0, *shape[1:]))).to(device)
