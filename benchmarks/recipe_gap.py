@@ -3,7 +3,8 @@
     python benchmarks/recipe_gap.py --config configs/rigl.yaml --epochs 12 --seeds 0 1 2
     python benchmarks/recipe_gap.py --config configs/spartan.yaml --sparse-only --seeds 0
 
-For each seed: the recipe as its YAML gives it (model, data, callbacks and their arguments), with
+For each seed: the recipe as its YAML gives it (model, data, ``schedule``, ``sparsity`` and the other callbacks with
+their arguments; the recipe's ``ModelCheckpoint`` left out), with
 ``seed_everything(seed)`` and every callback that takes a ``seed`` given that seed too; and the dense baseline: the
 same model, data, epochs and seed with no sparsity callbacks (what ``configs/dense.yaml`` is to the 4-epoch recipes).
 ``--epochs`` overrides the YAML's ``max_epochs`` for both. Prints each run as it ends, then a Markdown table of the
@@ -38,7 +39,9 @@ def build(config: dict[str, Any], seed: int, sparse: bool) -> tuple[pl.Lightning
     pl.seed_everything(seed, verbose=False)
     data = instantiate(config["data"])
     model = instantiate(config["model"])
-    callbacks = [instantiate(c, seed=seed) for c in config["trainer"].get("callbacks", [])] if sparse else []
+    listed = [c for c in config["trainer"].get("callbacks", []) if not c["class_path"].endswith(".ModelCheckpoint")]
+    specs = [config[key] for key in ("schedule", "sparsity") if config.get(key)] + listed  # the CLI's order
+    callbacks = [instantiate(c, seed=seed) for c in specs] if sparse else []
     return model, data, callbacks
 
 

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from lightning_sparse.callbacks._args import check_int
+from lightning_sparse.callbacks.benchmark_table import SPEEDUP_NOTE, ratio, table_rows
 from lightning_sparse.callbacks.export import bake_masked_forward, first_batch_input
 from lightning_sparse.export.plan import LayerPlan, parse_export_pattern, plan_layers
 from lightning_sparse.export.verify import ModelInput, batch_size, move_input, output_tensors, run_model
@@ -215,32 +216,23 @@ class KernelBenchmark(Callback):
             logger.save()
 
 
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
-
-
 def _print_table(results: dict[str, Any], path: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    names = sorted({name for row in results["layers"] for name in row.get("speedups", {})})
-    table = Table(title=f"KernelBenchmark on {results['device']} ({results['dtype']}, pattern {results['pattern']})")
-    for column in ("layer", "type", "(out, in)", "input", "stored", *(f"{n} vs dense" for n in names)):
-        table.add_column(column, no_wrap=True)
-    table.add_column("verdict")
-    for row in results["layers"]:
-        ratios = [_ratio(row.get("speedups", {}).get(name)) for name in names]
-        verdict = row["reason"] or ("faster" if row["faster"] else "slower" if row["faster"] is False else "failed")
-        stored = "" if row["stored_density"] is None else f"{row['stored_density']:.3f}"
-        shape = "x".join(map(str, row["matrix_shape"]))
-        size = str(row.get("tokens", "x".join(map(str, row.get("input_shape", [])))))
-        table.add_row(row["name"], row["type"], shape, size, stored, *ratios, verdict)
+    header, rows = table_rows(results)
+    title = f"KernelBenchmark on {results['device']} ({results['dtype']}, pattern {results['pattern']}); {SPEEDUP_NOTE}"
+    table = Table(title=title)
+    for column in header:
+        table.add_column(column, no_wrap=column != "verdict")
+    for row in rows:
+        table.add_row(*row)
     model = results["model"]
     console = Console()
     console.width = console.width if console.is_terminal else 160  # logs and pipes: no wrapping at 80 columns
     console.print(table)
     for kind, key in (("linear", "linear_speedup"), ("Conv2d", "conv_speedup")):
-        console.print(f"all converted {kind} layers together: {_ratio(results[key])} vs dense")
-    whole = f"{_ratio(model['speedup'])} vs dense" if "speedup" in model else model["reason"]
+        console.print(f"all converted {kind} layers together: speed-up {ratio(results[key])} vs dense")
+    whole = f"speed-up {ratio(model['speedup'])} vs dense" if "speedup" in model else model["reason"]
     console.print(f"whole model on {results['device']} (batch of {model.get('inputs', '-')}): {whole}")
     console.print(f"written to {path}", markup=False)

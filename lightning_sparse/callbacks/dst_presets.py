@@ -14,8 +14,9 @@ from lightning_sparse.callbacks.dst import DynamicSparseTraining
 
 
 class SET(DynamicSparseTraining):
-    """Sparse Evolutionary Training (Mocanu et al. 2018, https://arxiv.org/abs/1707.04780): magnitude drop, random
-    growth, ``drop_fraction=0.3`` (cosine to zero), ``stop_at=1.0``.
+    """Sparse Evolutionary Training (Mocanu et al. 2018): magnitude drop, random growth.
+
+    https://arxiv.org/abs/1707.04780; ``drop_fraction=0.3`` (cosine to zero), ``stop_at=1.0``.
 
     ``fastsparse``: ``SET_presets = {'keep_score_f': weight_magnitude, 'grow_score_f': random_score,
     'initial_drop_grow_pct': 0.3, 'stop_pct': 1.0}``. The paper keeps the fraction constant: add
@@ -73,8 +74,10 @@ class SET(DynamicSparseTraining):
 
 
 class RigL(DynamicSparseTraining):
-    """Rigging the Lottery (Evci et al. 2020, https://arxiv.org/abs/1911.11134): magnitude drop, growth by the dense
-    gradient's magnitude, every 100 steps, ``drop_fraction=0.3`` cosine to zero at ``stop_at=0.75``, ERK densities.
+    """Rigging the Lottery (Evci et al. 2020): magnitude drop, growth by the dense gradient's magnitude.
+
+    https://arxiv.org/abs/1911.11134; every 100 steps, ``drop_fraction=0.3`` cosine to zero at ``stop_at=0.75``, ERK
+    densities.
 
     ``fastsparse``: ``RigL_presets = {'keep_score_f': weight_magnitude, 'grow_score_f': gradient_magnitude,
     'initial_drop_grow_pct': 0.3, 'stop_pct': 0.75, 'batches_per_update': 100}`` (``batches_per_update`` on HEAD
@@ -131,8 +134,9 @@ class RigL(DynamicSparseTraining):
 
 
 class SNFS(DynamicSparseTraining):
-    """Sparse Networks From Scratch (Dettmers & Zettlemoyer 2019, https://arxiv.org/abs/1907.04840): magnitude drop,
-    growth by momentum magnitude, momentum redistribution across layers, ``drop_fraction=0.5``, ``stop_at=1.0``.
+    """Sparse Networks From Scratch (Dettmers & Zettlemoyer 2019): magnitude drop, growth by momentum magnitude.
+
+    https://arxiv.org/abs/1907.04840; momentum redistribution across layers, ``drop_fraction=0.5``, ``stop_at=1.0``.
 
     ``fastsparse``: ``SNFS_presets = {'keep_score_f': weight_magnitude, 'grow_score_f': gradient_momentum,
     'redistribute_f': momentum_redistribution, 'initial_drop_grow_pct': 0.5, 'stop_pct': 1.0}`` (HEAD; 0.0.5 has
@@ -191,8 +195,10 @@ class SNFS(DynamicSparseTraining):
 
 
 class MEST(DynamicSparseTraining):
-    """Memory-Economic Sparse Training (Yuan et al. 2021, https://arxiv.org/abs/2110.14032): drop by
-    :math:`|w| + \\gamma |g|` (``gamma=1.0``), grow by gradient magnitude (or ``grow="random"``).
+    """Memory-Economic Sparse Training (Yuan et al. 2021): drop by |w| + gamma |g|, grow by gradient magnitude.
+
+    https://arxiv.org/abs/2110.14032: drop by :math:`|w| + \\gamma |g|` (``gamma=1.0``), grow by gradient magnitude
+    (or ``grow="random"``).
 
     No ``fastsparse`` preset; Fantastic Weights (https://arxiv.org/abs/2306.12230) studies this drop score with
     both growths.

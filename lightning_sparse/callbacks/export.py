@@ -12,6 +12,7 @@ from torch import Tensor
 
 from lightning_sparse.callbacks.base import SparsityCallback
 from lightning_sparse.export.manifest import Manifest
+from lightning_sparse.export.outcome import no_sparse_reason, stored_line
 from lightning_sparse.export.plan import check_include, parse_export_pattern
 from lightning_sparse.export.sparse_io import export_sparse
 
@@ -139,5 +140,8 @@ class SparseExport(Callback):
         )
         error = (self.manifest.verification or {}).get("max_abs_error")
         checked = "unverified" if error is None else f"outputs verified, max abs error {error:.3g}"
-        rank_zero_info(f"SparseExport: wrote {path} ({checked})\n{self.manifest.summary()}")
+        rank_zero_info(f"SparseExport: wrote {path} ({checked})\n{self.manifest.summary()}\n"
+                       f"{stored_line(self.manifest, path)}")
+        if not self.manifest.converted:
+            rank_zero_warn(f"SparseExport: {no_sparse_reason(self.pattern, self.manifest.skipped)}")
         return self.manifest

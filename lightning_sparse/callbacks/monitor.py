@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_sparse.callbacks._args import check_int
 from lightning_sparse.callbacks.base import SparsityCallback
+from lightning_sparse.plots import density_figure, pyplot
 from lightning_sparse.report import SparsityReport, sparsity_report
 from lightning_sparse.targets import default_targets
 
@@ -56,8 +57,10 @@ def readable_progress_bar(trainer: pl.Trainer) -> None:
 
 
 class SparsityMonitor(Callback):
-    """Log ``sparsity/density`` (global, in the progress bar) and, per target, ``sparsity/density/<name>`` and
-    ``sparsity/target/<name>``; print a per-layer table when fit ends.
+    """Log the global and per-layer density to any logger; print a per-layer table when fit ends.
+
+    Logs ``sparsity/density`` (global, in the progress bar) and, per target, ``sparsity/density/<name>`` and
+    ``sparsity/target/<name>``.
 
     Works with any logger (CSVLogger, TensorBoardLogger, ...). Targets come from the trainer's sparsity
     callbacks, or the default targets when there is none.
@@ -65,9 +68,13 @@ class SparsityMonitor(Callback):
     Args:
         log_every_n_steps: optimizer steps between logs; default: the Trainer's ``log_every_n_steps``.
         per_layer: also log each layer (global density only when False).
+        density_chart: at fit end, also log a per-layer density bar chart (``sparsity/density_chart``) to every
+            logger that takes figures (TensorBoard's ``add_figure``; needs matplotlib); skipped with a one-line
+            info when none does.
 
     Raises:
         ValueError: when ``log_every_n_steps < 1``.
+        TypeError: when ``density_chart`` is not a bool.
 
     Example::
 
@@ -77,10 +84,15 @@ class SparsityMonitor(Callback):
         trainer = Trainer(callbacks=[MagnitudePruning(density=0.2), SparsityMonitor()])
     """
 
-    def __init__(self, log_every_n_steps: int | None = None, per_layer: bool = True) -> None:
+    def __init__(
+        self, log_every_n_steps: int | None = None, per_layer: bool = True, density_chart: bool = True
+    ) -> None:
         self.log_every_n_steps = None if log_every_n_steps is None else check_int("log_every_n_steps",
                                                                                    log_every_n_steps, 1)
         self.per_layer = per_layer
+        if not isinstance(density_chart, bool):
+            raise TypeError(f"density_chart must be True or False, got {density_chart!r}")
+        self.density_chart = density_chart
         self.last_report: SparsityReport | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -127,3 +139,24 @@ class SparsityMonitor(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.last_report = self.report(trainer, pl_module)
         rank_zero_info(f"Sparsity at the end of fit (step {trainer.global_step}):\n{self.last_report}")
+        if self.density_chart and trainer.is_global_zero:
+            log_density_chart(trainer, self.last_report)
+
+
+def log_density_chart(trainer: pl.Trainer, report: SparsityReport) -> list[Any]:
+    """Logs ``report`` as a per-layer bar chart to the trainer's loggers that take figures (an ``experiment`` with
+    ``add_figure``, as TensorBoard's); returns those loggers. A one-line info says why nothing was logged."""
+    takers = [logger for logger in trainer.loggers if callable(getattr(logger.experiment, "add_figure", None))]
+    if not takers:
+        names = ", ".join(type(logger).__name__ for logger in trainer.loggers) or "no logger"
+        rank_zero_info(f"SparsityMonitor: density chart skipped: {names} takes no figures (TensorBoard does)")
+        return []
+    try:
+        figure = density_figure(report.rows, title=f"density per layer at step {trainer.global_step}")
+    except ImportError as err:
+        rank_zero_info(f"SparsityMonitor: density chart skipped: {err}")
+        return []
+    for logger in takers:
+        logger.experiment.add_figure("sparsity/density_chart", figure, global_step=trainer.global_step, close=False)
+    pyplot().close(figure)
+    return takers

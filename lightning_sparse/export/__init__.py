@@ -13,11 +13,8 @@ Example::
     manifest = export_sparse(model, "export/", pattern="16x16", example_input=torch.randn(4, 1, 28, 28))
     sparse_model = load_sparse("export/", MLP(hidden=(256,)))
 
-From the command line (any algorithm's checkpoint):
-
-.. code-block:: bash
-
-    python -m lightning_sparse.export --config configs/gmp.yaml --ckpt_path last.ckpt --out export/ --pattern 32x32
+From the command line (any algorithm's checkpoint): ``lightning-sparse-export`` (or ``python -m
+lightning_sparse.export``), see :mod:`lightning_sparse.export.checkpoint`.
 """
 
 from lightning_sparse.export.checkpoint import export_checkpoint

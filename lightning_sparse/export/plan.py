@@ -35,6 +35,7 @@ from lightning_sparse.layers import LayerKind, layer_kind
 from lightning_sparse.nn.convert import MHA_OUT_PROJ_REASON
 from lightning_sparse.nn.eligible import describe_view, linear_kind, linear_unfit_reason, tied_reason, tied_weights
 from lightning_sparse.nn.sparse_conv import conv_unfit_reason, slow_conv_reason
+from lightning_sparse.targets import as_globs
 
 PATTERNS_HELP = '"RxC" blocks (e.g. "32x32"), "2:4" or "dense"'
 CONVERTED_KINDS = "nn.Linear, Hugging Face Conv1D and nn.Conv2d"
@@ -91,17 +92,12 @@ def parse_export_pattern(pattern: str) -> tuple[str, tuple[int, int] | None]:
 
 
 def check_include(include: Sequence[str] | str | None) -> list[str] | None:
-    """Normalizes ``include`` (one glob or a list of globs) to a list.
+    """Normalizes ``include`` (one glob or a list of globs) to a list: :func:`lightning_sparse.targets.as_globs`.
 
     Raises:
         TypeError: if it is neither a string nor a sequence of strings.
     """
-    if include is None:
-        return None
-    globs = [include] if isinstance(include, str) else include
-    if not isinstance(globs, Sequence) or not all(isinstance(g, str) for g in globs):
-        raise TypeError(f"include must be a glob string or a list of glob strings, got {include!r}")
-    return list(globs)
+    return as_globs("include", include)
 
 
 def _weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -15,6 +15,7 @@ from lightning_sparse.formats.bsr import parse_blocksize
 from lightning_sparse.nn.eligible import linear_kind, linear_unfit_reason, tied_reason, tied_weights
 from lightning_sparse.nn.sparse_conv import SparseConv2d, conv_unfit_reason, slow_conv_reason
 from lightning_sparse.nn.sparse_linear import SparseLinear
+from lightning_sparse.targets import as_globs
 
 __all__ = ["inference_plan", "to_sparse_inference"]
 
@@ -98,7 +99,7 @@ def inference_plan(
     fmt, blocksize = _parse_pattern(pattern)
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
-    include = [include] if isinstance(include, str) else include
+    include = as_globs("include", include)
     unfit: dict[str, list[str]] = {g: [] for g in include or ()}  # per glob: why its matched layers do not fit
     plan: dict[str, str | None] = {}
     for name, never in _candidates(model).items():

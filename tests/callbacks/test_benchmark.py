@@ -107,7 +107,7 @@ def test_times_conv_layers_and_the_whole_cnn(tmp_path, capsys):
         assert positive(benchmark.results[key])
     assert positive(benchmark.results["model"]["speedup"]) and benchmark.results["model"]["errors"] == {}
     out = capsys.readouterr().out
-    assert "SparseConv2d vs dense" in out and "all converted Conv2d layers together" in out
+    assert "speed-up vs dense" in out and "all converted Conv2d layers together: speed-up" in out
     again = KernelBenchmark(dirpath=tmp_path, tokens=5, pattern="16x16", **FAST).benchmark(trainer, model)
     rows = {row["name"]: row for row in again["layers"]}
     assert rows["classifier.1"]["tokens"] == 5 and rows["features.3"]["input_shape"] == [16, 16, 4, 4]  # from the batch
