@@ -106,6 +106,41 @@ def all_reduce_sum(tensor: Tensor, group: object) -> Tensor:
     return tensor
 
 
+def all_reduce_max(tensor: Tensor, group: object) -> Tensor:
+    """``tensor``'s elementwise maximum over the ranks of ``group`` (a copy; unchanged without a process group)."""
+    tensor = tensor.clone()
+    if _initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return tensor
+
+
+def rows_of(whole: Tensor, shard: Shard | None) -> Tensor:
+    """This rank's rows of a whole tensor laid out like the sharded parameter (``whole`` itself for ``None``)."""
+    return whole if shard is None else whole[shard.row_offset : shard.row_offset + shard.rows]
+
+
+def whole_of(rows: Tensor, shard: Shard | None) -> Tensor:
+    """The whole tensor from this rank's ``rows`` (:func:`gather_rows`; ``rows`` itself for ``None``)."""
+    return rows if shard is None else gather_rows(rows, shard)
+
+
+def group_shard(shard: Shard | None, rows_per_group: int, global_rows: int) -> Shard | None:
+    """The shard of a tensor of ``global_rows`` rows with one row per ``rows_per_group`` rows of ``shard``'s
+    parameter (a block grid, Supermask's tile scores): its rows sit where the parameter's do.
+
+    Raises:
+        ValueError: when ``shard``'s rows do not start and end on a group boundary.
+    """
+    if shard is None:
+        return None
+    end = shard.row_offset + shard.rows
+    if shard.row_offset % rows_per_group or (end % rows_per_group and end != shard.global_shape[0]):
+        raise ValueError(f"this rank holds rows {shard.row_offset} to {end} of {shard.global_shape}, which splits "
+                         f"its groups of {rows_per_group} rows")
+    start = shard.row_offset // rows_per_group
+    return Shard((global_rows,), start, -(-end // rows_per_group) - start, shard.group)
+
+
 def gather_rows(rows: Tensor, shard: Shard) -> Tensor:
     """The whole tensor from every rank's rows of it (padded to equal sizes for the collective)."""
     if not _initialized():

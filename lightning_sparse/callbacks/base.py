@@ -50,7 +50,7 @@ from lightning_sparse.layers import check_pattern, kind_of
 from lightning_sparse.masking import MaskState
 from lightning_sparse.targets import as_globs, describe_targets, select_targets
 
-FSDP2_ALGORITHMS = ("MagnitudePruning", "NMSparsity")
+FSDP2_ALGORITHMS = ("MagnitudePruning", "NMSparsity", "Spartan", "Supermask", "TopKAST")
 
 
 class SparsityCallback(Callback):

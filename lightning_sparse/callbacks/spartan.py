@@ -12,6 +12,10 @@ by the per-weight FLOPs under ``cost="flops"``), :math:`\rho` the scheduled dens
 sharpness and :math:`\tau` the soft value of the last entry of the exact hard top-k (exactly ``round(rho * n)``
 entries kept). The gradient passes the hard mask straight through and differentiates the soft mask implicitly
 (:mod:`lightning_sparse.core.soft_mask`), so pruned weights keep learning and can come back.
+
+Under FSDP2 every budget is solved on the local shards (:mod:`lightning_sparse.callbacks.spartan_sharded`: the exact
+hard top-k, the soft threshold from all-reduced sums) and the frozen soft values are gathered whole into checkpoints;
+``cost="flops"`` is refused there.
 """
 
 from __future__ import annotations
@@ -30,9 +34,11 @@ from lightning_sparse.callbacks._run_end import planned_steps
 from lightning_sparse.callbacks.masked import MaskedForwardCallback
 from lightning_sparse.callbacks.scheduler import SparsityScheduler, find_scheduler
 from lightning_sparse.callbacks.spartan_budget import Budget, solve_budget
+from lightning_sparse.callbacks.spartan_sharded import sharded_gradients, solve_sharded_budget
 from lightning_sparse.core.patterns import NM, Blocks
 from lightning_sparse.core.schedules import Schedule, resolve_step
 from lightning_sparse.core.soft_mask import soft_group_values, spartan_weight
+from lightning_sparse.distributed import group_shard, rows_of, whole_of
 
 COSTS = ("params", "flops")
 DEFAULT_SHARPNESS = 20.0
@@ -90,6 +96,8 @@ class Spartan(MaskedForwardCallback):
         trainer = Trainer(max_epochs=10, callbacks=[Spartan(density=0.1, sharpness=20.0, distribution="global")])
     """
 
+    supports_fsdp2 = True
+
     def __init__(
         self,
         density: float | None = None,
@@ -137,6 +145,10 @@ class Spartan(MaskedForwardCallback):
         if stage != "fit":
             return
         self._check_layouts()
+        strategies = {cls.__name__ for cls in type(getattr(trainer, "strategy", None)).__mro__}
+        if self.cost == "flops" and "ModelParallelStrategy" in strategies:
+            raise ValueError("Spartan(cost='flops') is not supported under ModelParallelStrategy (FSDP2): its hard "
+                             "top-k by unit value over unequal costs is not distributed; use cost='params' there")
         scheduler = next((cb for cb in trainer.callbacks if isinstance(cb, SparsityScheduler)), None)
         schedule = None if scheduler is None else scheduler.sharpness_schedule
         if schedule is not None:
@@ -251,11 +263,26 @@ class Spartan(MaskedForwardCallback):
         masks: dict[str, Tensor] = {}
         previous, self._budgets = self._budgets, {}
         for group, density in groups:
-            budget, group_masks = solve_budget(self.masks.params, group, self.pattern, self._costs, density, beta,
-                                               previous.get(group[0]))
+            budget, group_masks = self._solve(group, density, beta, previous.get(group[0]))
             self._budgets.update(dict.fromkeys(group, budget))
             masks.update(group_masks)
         return masks
+
+    def _solve(self, names: list[str], density: float, beta: float, previous: Budget | None):
+        if not self.masks.sharded:
+            return solve_budget(self.masks.params, names, self.pattern, self._costs, density, beta, previous)
+        rows = {n: self.masks.local_param(n) for n in names}
+        shapes = {n: tuple(self.masks.params[n].shape) for n in names}
+        group = self.masks.shards[names[0]].group
+        return solve_sharded_budget(rows, names, shapes, self.pattern, density, beta, previous, group)
+
+    def local_gradients(self, dense: dict[str, Tensor], grads: dict[str, Tensor]) -> dict[str, Tensor]:
+        """FSDP2: the soft mask's gradient on the local rows (:func:`sharded_gradients`; autograd once frozen)."""
+        if self._frozen is not None:
+            return super().local_gradients(dense, grads)
+        budgets = list({id(b): b for b in self._budgets.values()}.values())
+        group = next(iter(self.masks.shards.values())).group
+        return sharded_gradients(budgets, dense, grads, self.pattern, self._costs, group)
 
     def update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, Tensor]:
         changed = super().update_masks(trainer, pl_module, step)
@@ -266,10 +293,11 @@ class Spartan(MaskedForwardCallback):
     @torch.no_grad()
     def _freeze(self) -> None:
         self._frozen = {}
-        for name, param in self.masks.params.items():
+        for name in self.masks.params:
             budget = self._budgets[name]
             threshold = budget.threshold_tensor(self.masks.params, self.pattern, self._costs, graph=False)
-            values = soft_group_values(param, self.pattern, threshold, budget.sharpness, self._costs[name])
+            values = soft_group_values(self.masks.local_param(name), self.pattern, threshold, budget.sharpness,
+                                       self._costs[name])
             keep = self.pattern.compress(self.masks.masks[name]).reshape(-1)
             self._frozen[name] = torch.where(keep, values.to(keep.device), 0.0)
 
@@ -287,8 +315,32 @@ class Spartan(MaskedForwardCallback):
     # ----------------------------------------------------------------------------------------- state
     def extra_state_dict(self) -> dict[str, Any]:
         budgets = list({id(b): b for b in self._budgets.values()}.values())
-        frozen = None if self._frozen is None else {n: m.cpu().clone() for n, m in self._frozen.items()}
+        frozen = None if self._frozen is None else {n: self._whole_groups(n, m) for n, m in self._frozen.items()}
         return {"budgets": [b.to_state() for b in budgets], "costs": dict(self._costs), "frozen": frozen}
+
+    def _group_grid(self, name: str) -> tuple[int, int]:
+        """The shape of ``name``'s groups (blocks, or weights) as rows and columns, and the rows per group row."""
+        whole = tuple(self.masks.params[name].shape)
+        groups = self.pattern.num_groups(whole)
+        rows = self.pattern.rows if isinstance(self.pattern, Blocks) else 1
+        return groups // (whole[0] // rows), rows
+
+    def _whole_groups(self, name: str, values: Tensor) -> Tensor:
+        """The frozen values of every group of ``name`` (gathered from every shard under FSDP2), flat, on the CPU."""
+        shard = self.masks.shards[name]
+        if shard is None:
+            return values.cpu().clone()
+        columns, rows = self._group_grid(name)
+        grid = group_shard(shard, rows, shard.global_shape[0] // rows)
+        return whole_of(values.reshape(-1, columns), grid).reshape(-1).cpu()
+
+    def _local_groups(self, name: str, values: Tensor) -> Tensor:
+        shard = self.masks.shards[name]
+        if shard is None:
+            return values
+        columns, rows = self._group_grid(name)
+        grid = group_shard(shard, rows, shard.global_shape[0] // rows)
+        return rows_of(values.reshape(-1, columns), grid).reshape(-1)
 
     def load_extra_state_dict(self, state: dict[str, Any]) -> None:
         self._costs.update(state["costs"])
@@ -298,5 +350,5 @@ class Spartan(MaskedForwardCallback):
             self._budgets.update(dict.fromkeys(budget.names, budget))
         frozen = state["frozen"]
         self._frozen = None if frozen is None else {
-            n: m.to(self.masks.params[n].device) for n, m in frozen.items()
+            n: self._local_groups(n, m).to(self.masks.params[n].device) for n, m in frozen.items()
         }

@@ -8,11 +8,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_sparse.callbacks import (
+    SET,
     MagnitudePruning,
     NMSparsity,
     RigL,
     SparsityScheduler,
-    Spartan,
 )
 from lightning_sparse.core.scores import magnitude
 from lightning_sparse.core.selection import select_masks
@@ -95,7 +95,7 @@ def test_a_mask_update_passes_a_fixed_number_of_elements_to_collectives(tmp_path
     assert fsdp2.results(tmp_path)[0]["traffic"] == 3 * (1 + 4 * 256 + 2)
 
 
-@pytest.mark.parametrize("make", [lambda: RigL(density=0.5), lambda: Spartan(density=0.5)], ids=["RigL", "Spartan"])
+@pytest.mark.parametrize("make", [lambda: RigL(density=0.5), lambda: SET(density=0.5)], ids=["RigL", "SET"])
 def test_algorithms_without_fsdp2_support_refuse_the_strategy(make, tmp_path):
     callback = make()
     trainer_strategy = fsdp2.ForkedModelParallel(data_parallel_size=2, tensor_parallel_size=1)
@@ -105,7 +105,7 @@ def test_algorithms_without_fsdp2_support_refuse_the_strategy(make, tmp_path):
         callbacks = [callback]
 
     with pytest.raises(ValueError, match=r"does not support ModelParallelStrategy \(FSDP2\) yet; what works: .*"
-                                         r"MagnitudePruning, NMSparsity"):
+                                         r"MagnitudePruning, NMSparsity, Spartan, Supermask, TopKAST"):
         callback.setup(Stub(), fsdp2.sharded_model(), "fit")
 
 

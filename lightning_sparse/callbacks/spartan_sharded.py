@@ -1,0 +1,113 @@
+r"""Spartan's budgets under FSDP2: each rank holds some rows of every weight of a budget.
+
+* :func:`solve_sharded_budget`: the exact hard top-k through :func:`~lightning_sparse.distributed.distributed_topk`
+  (the single-process set and tie-break), and the soft threshold :math:`t` by the single-process solve
+  (:func:`~lightning_sparse.core.soft_topk_solve.solve`) whose every sum is all-reduced: per budget and solve, one
+  all-reduce of 3 float64 extremes (min, max and the hard top-k's k-th value, 24 bytes) and per Newton step one of
+  2 float64 (kept mass and :math:`m \cdot m`, 16 bytes), plus 8 bytes when the slope needs its exact form. The
+  threshold meets the same budget to the same tolerance as one process's, but it is not bit-identical to it: the
+  float64 sums add the ranks' partial sums, in another order than one process's chunked sum, so the Newton steps see
+  sums that differ in the last bits (and the first solve starts from the hard top-k's k-th value).
+* :func:`sharded_gradients`: the soft mask's implicit gradient on the local rows: each rank's part of
+  :math:`\partial L / \partial t` and :math:`\sum_i c_i s_i`, one all-reduce of 2 float64 per budget (16 bytes) per
+  optimizer step for all budgets together, then each rank finishes its rows (what ``threshold_node`` does).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from lightning_sparse.callbacks.spartan_budget import Budget, _guess
+from lightning_sparse.core.patterns import Pattern
+from lightning_sparse.core.soft_mask import finish_partial_backward, group_magnitudes, spartan_partial_backward
+from lightning_sparse.core.soft_topk_solve import RTOL, solve
+from lightning_sparse.distributed import TRAFFIC, all_reduce_max, all_reduce_sum, distributed_topk
+
+
+def _reducer(group: object):
+    def reduce(values: Tensor) -> Tensor:
+        TRAFFIC["elements"] += values.numel()
+        return all_reduce_sum(values, group)
+
+    return reduce
+
+
+def _extremes(flat: Tensor, kept: Tensor, group: object) -> tuple[float, float, float]:
+    """(min, max) of every rank's values, and the lowest kept value (the hard top-k's k-th), in one all-reduce."""
+    inf = torch.tensor(math.inf, dtype=torch.float64)
+    low = flat.min().double() if flat.numel() else inf
+    high = flat.max().double() if flat.numel() else -inf
+    kth = flat[kept].min().double() if kept.any() else inf
+    TRAFFIC["elements"] += 3
+    low, high, kth = all_reduce_max(torch.stack([-low, high, -kth]), group).tolist()
+    return -low, high, -kth
+
+
+@torch.no_grad()
+def solve_sharded_budget(
+    rows: Mapping[str, Tensor],
+    names: Sequence[str],
+    shapes: Mapping[str, tuple[int, ...]],
+    pattern: Pattern,
+    density: float,
+    sharpness: float,
+    previous: Budget | None,
+    group: object,
+) -> tuple[Budget, dict[str, Tensor]]:
+    """:func:`~lightning_sparse.callbacks.spartan_budget.solve_budget` on this rank's ``rows`` of the weights
+    ``names`` (whole shapes ``shapes``); every rank of ``group`` calls it with the same budget.
+
+    Returns the budget (the same on every rank) and the hard mask of this rank's rows of each weight."""
+    before = None if previous is None else previous.threshold
+    if density == 1:
+        return Budget(tuple(names), -math.inf, sharpness, before=before), {
+            n: torch.ones_like(rows[n], dtype=torch.bool) for n in names}
+    parts = [group_magnitudes(rows[n], pattern) for n in names]
+    total = sum(pattern.num_groups(tuple(shapes[n])) for n in names)
+    chosen = distributed_topk(parts, round(density * total), group)
+    flat, kept = torch.cat(parts), torch.cat(chosen)
+    low, high, kth = _extremes(flat, kept, group)
+    guess = _guess(previous)
+    start = kth if guess is None else guess
+    threshold, _ = solve(flat, None, float(density), float(sharpness), RTOL[flat.dtype], start, (low, high),
+                         _reducer(group))
+    masks = {n: pattern.expand(c, tuple(rows[n].shape)) for n, c in zip(names, chosen, strict=True)}
+    return Budget(tuple(names), threshold, sharpness, before=before), masks
+
+
+def sharded_gradients(
+    budgets: Sequence[Budget],
+    dense: Mapping[str, Tensor],
+    grads: Mapping[str, Tensor],
+    pattern: Pattern,
+    costs: Mapping[str, float],
+    group: object,
+) -> dict[str, Tensor]:
+    """dL/d(dense rows) of every target in ``grads`` from dL/d(effective rows), for the soft masks of ``budgets``
+    (one all-reduce of 2 float64 per budget, all budgets at once)."""
+    out, pending, sums = {}, [], []
+    for budget in budgets:
+        names = [n for n in budget.names if n in grads]
+        if budget.threshold == -math.inf:  # density 1: the effective weight is the weight
+            out.update({n: grads[n] for n in names})
+            continue
+        partial_t = torch.zeros((), dtype=torch.float64)
+        partial_s = torch.zeros((), dtype=torch.float64)
+        for name in names:
+            threshold = torch.tensor(budget.threshold, dtype=torch.float32, device=dense[name].device)  # the forward's
+            direct, signed, grad_t, slope = spartan_partial_backward(dense[name], grads[name], pattern, threshold,
+                                                                     budget.sharpness, costs[name])
+            partial_t, partial_s = partial_t + grad_t.double().cpu(), partial_s + costs[name] * slope.cpu()
+            pending.append((name, len(sums), direct, signed))
+        sums.append(torch.stack([partial_t, partial_s]))
+    if sums:
+        TRAFFIC["elements"] += 2 * len(sums)
+        totals = all_reduce_sum(torch.stack(sums), group)
+        for name, index, direct, signed in pending:
+            grad_t, slope = totals[index].to(direct.device)
+            out[name] = finish_partial_backward(direct, signed, grad_t, slope, pattern)
+    return out
