@@ -89,10 +89,11 @@ class DumpFull(Callback):
         torch.save(state, self.root / f"rank{trainer.global_rank}.pt")
 
 
-def fit(callbacks: list[Callback], root: Path, epochs: int = 2, ckpt_path: str | None = None, **kwargs) -> None:
+def fit(callbacks: list[Callback], root: Path, epochs: int = 2, ckpt_path: str | None = None,
+        dump: type[DumpFull] = DumpFull, **kwargs) -> None:
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy=ForkedModelParallel(data_parallel_size=2, tensor_parallel_size=1),
-        max_epochs=epochs, callbacks=[*callbacks, DumpFull(root)], logger=False, enable_progress_bar=False,
+        max_epochs=epochs, callbacks=[*callbacks, dump(root)], logger=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=root, **kwargs,
     )
     trainer.fit(sharded_model(), data(), ckpt_path=ckpt_path)
