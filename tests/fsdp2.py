@@ -90,13 +90,13 @@ class DumpFull(Callback):
 
 
 def fit(callbacks: list[Callback], root: Path, epochs: int = 2, ckpt_path: str | None = None,
-        dump: type[DumpFull] = DumpFull, **kwargs) -> None:
+        dump: type[DumpFull] = DumpFull, model: pl.LightningModule | None = None, **kwargs) -> None:
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy=ForkedModelParallel(data_parallel_size=2, tensor_parallel_size=1),
         max_epochs=epochs, callbacks=[*callbacks, dump(root)], logger=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=root, **kwargs,
     )
-    trainer.fit(sharded_model(), data(), ckpt_path=ckpt_path)
+    trainer.fit(model or sharded_model(), data(), ckpt_path=ckpt_path)
 
 
 def results(root: Path) -> list[dict]:

@@ -68,3 +68,24 @@ def test_sharded_selection_needs_every_target_sharded_and_no_global_nm():
         select_sharded_masks(scores, {"w": 0.5}, {"w": parse_pattern("2:4")}, shard, shapes, global_density=0.5)
     mask = select_sharded_masks(scores, {"w": 0.25}, {"w": parse_pattern("unstructured")}, shard, shapes)["w"]
     assert torch.equal(mask, topk_flat(scores["w"].reshape(-1), 4).reshape(4, 4))
+
+
+def test_group_shards_follow_the_parameters_rows():
+    from lightning_sparse.distributed import group_shard
+
+    assert group_shard(None, 4, 3) is None
+    assert group_shard(Shard((12, 8), 8, 4, None), 4, 3) == Shard((3,), 2, 1, None)
+    assert group_shard(Shard((10, 8), 8, 2, None), 2, 5) == Shard((5,), 4, 1, None)
+    with pytest.raises(ValueError, match=r"this rank holds rows 6 to 12 of \(12, 8\), which splits its groups of "
+                                         r"4 rows"):
+        group_shard(Shard((12, 8), 6, 6, None), 4, 3)
+
+
+def test_rows_and_wholes_without_a_process_group():
+    from lightning_sparse.distributed import all_reduce_max, rows_of, whole_of
+
+    whole = torch.arange(12).reshape(6, 2)
+    assert torch.equal(rows_of(whole, Shard((6, 2), 2, 3, None)), whole[2:5])
+    assert rows_of(whole, None) is whole and whole_of(whole, None) is whole
+    values = torch.tensor([1.0, -2.0])
+    assert torch.equal(all_reduce_max(values, None), values) and all_reduce_max(values, None) is not values

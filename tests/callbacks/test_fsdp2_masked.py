@@ -23,10 +23,12 @@ import math
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.distributed.fsdp import fully_shard
 
 from lightning_sparse.callbacks import SparsityScheduler, Spartan, Supermask, TopKAST
 from lightning_sparse.callbacks._run_end import RESUME_WEIGHTS
 from lightning_sparse.callbacks.spartan_budget import solve_budget
+from lightning_sparse.callbacks.supermask import SUFFIX
 from lightning_sparse.core.masks import topk_mask
 from lightning_sparse.core.scores import magnitude
 from lightning_sparse.core.selection import select_masks
@@ -293,3 +295,21 @@ def test_spartan_flops_cost_is_refused_under_fsdp2():
     with pytest.raises(ValueError, match=r"Spartan\(cost='flops'\) is not supported under ModelParallelStrategy "
                                          r"\(FSDP2\).*use cost='params' there"):
         callback.setup(stub, fsdp2.sharded_model(), "fit")
+
+
+class ScoresLeftOut(fsdp2.ShardedNet):
+    """Shards every Linear but leaves Supermask's scores out (``ignored_params``): they stay whole tensors."""
+
+    def configure_model(self):
+        scores = {p for name, p in self.named_parameters() if name.endswith(SUFFIX)}
+        for module in (self.body[0], self.body[2], self.head):
+            fully_shard(module, ignored_params=scores)
+        fully_shard(self, ignored_params=scores)
+
+
+def test_supermask_scores_not_sharded_like_their_weight_are_refused(tmp_path):
+    torch.manual_seed(0)
+    with pytest.raises(Exception, match=r"Supermask: the scores body.0.weight_supermask_scores are not sharded like "
+                                        r"body.0.weight; apply fully_shard to the module that owns both"):
+        fsdp2.fit([Supermask(density=0.25, tile_size=4, exclude="head.weight")], tmp_path, model=ScoresLeftOut(),
+                  enable_checkpointing=False)
