@@ -243,6 +243,29 @@ CASES = {
 }
 
 
+CASES["topkast-accumulate-2-validated"] = lambda: [CheckedTopKAST(density=0.25, backward_density=0.5,
+                                                                  update_every=1)]
+CASES["spartan-accumulate-2-validated"] = lambda: [CheckedSpartan(density=0.25, freeze_at=None)]
+OPTIONS = {  # trainer arguments and model of a case; the defaults: 8 optimizer steps of ShardedNet
+    name: {"accumulate_grad_batches": 2, "model": lambda: Validated(), "steps": 4}
+    for name in ("topkast-accumulate-2-validated", "spartan-accumulate-2-validated")
+}
+
+
+class Validated(fsdp2.ShardedNet):
+    """ShardedNet with a validation loop (its forwards see the effective weights too, checked)."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        super().__init__()
+
+    def validation_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def val_dataloader(self):
+        return fsdp2.data()
+
+
 class Counts(fsdp2.DumpFull):
     """Also the numbers of checked forwards and gradients, and the dense weights the bake kept for a resume."""
 
@@ -256,8 +279,11 @@ class Counts(fsdp2.DumpFull):
         torch.save(state, path)
 
 
-def _fit(callbacks, root, **kwargs):
-    fsdp2.fit(callbacks, root, dump=Counts, **kwargs)
+def _fit(case, callbacks, root, **kwargs):
+    options = dict(OPTIONS.get(case, {}))
+    options.pop("steps", None)
+    model = options.pop("model", None)
+    fsdp2.fit(callbacks, root, dump=Counts, model=model and model(), **options, **kwargs)
 
 
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
@@ -265,10 +291,14 @@ def test_fsdp2_masked_forward_equals_the_single_process_computation_and_resumes_
     full = tmp_path / "full"
     full.mkdir()
     every_epoch = ModelCheckpoint(dirpath=full, every_n_epochs=1, save_top_k=-1, filename="{epoch}")
-    _fit([*CASES[case](), every_epoch], full)
+    _fit(case, [*CASES[case](), every_epoch], full)
     ranks = fsdp2.results(full)
     forwards, gradients = ranks[0]["counts"]
-    assert ranks[0]["checked"] >= 1 and forwards >= 8 and gradients == 8, (ranks[0]["checked"], forwards, gradients)
+    steps = OPTIONS.get(case, {}).get("steps", 8)
+    batches = len(ranks[0]["masks"]) * 2 * fsdp2.BATCHES_PER_EPOCH  # per target, 2 epochs (the sanity check's
+    # forwards are dense)
+    assert ranks[0]["checked"] >= 1 and gradients == steps
+    assert forwards == batches * (2 if case in OPTIONS else 1), forwards  # training (and validation) forwards
     assert ranks[0]["counts"] == ranks[1]["counts"] and ranks[0]["checked"] == ranks[1]["checked"]
     for key in ("masks", "weights", "dense"):
         for name, value in ranks[0][key].items():
@@ -281,7 +311,7 @@ def test_fsdp2_masked_forward_equals_the_single_process_computation_and_resumes_
     assert ({"total": sum(kept.values())} if "total" in budget else kept) == budget
     resumed = tmp_path / "resumed"
     resumed.mkdir()
-    _fit(CASES[case](), resumed, ckpt_path=str(full / "epoch=0.ckpt"), enable_checkpointing=False)
+    _fit(case, CASES[case](), resumed, ckpt_path=str(full / "epoch=0.ckpt"), enable_checkpointing=False)
     again = fsdp2.results(resumed)[0]
     for key in ("masks", "weights", "dense"):
         for name, value in ranks[0][key].items():
