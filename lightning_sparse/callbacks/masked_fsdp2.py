@@ -13,12 +13,19 @@ mask in front of the all-gather instead of behind it:
    (elementwise, so no communication; Spartan's threshold term adds two all-reduced numbers per budget).
 
 Why here and not on the gathered weight: every masked function is elementwise in the rows (blocks and N:M groups lie
-inside a shard's rows, checked at fit start), so the rows of :math:`\tilde w` computed from local rows are bit for
-bit the rows one process computes from the whole weight. Nothing whole is built or kept on any rank: no gathered mask,
+inside a shard's rows, checked at fit start), so the rows of :math:`\tilde w` computed from local rows are the rows
+one process computes from the whole weight: bit for bit for a select or a multiply (TopKAST, Supermask, Spartan's
+frozen mask), to 1 ulp through Spartan's sigmoid (the CPU's vector loop and its scalar tail round it differently, and
+a shard's tail is not the whole weight's). Nothing whole is built or kept on any rank: no gathered mask,
 no second full-size weight saved for the backward (masking the gathered weight would keep :math:`\tilde w` alive for
 the backward in every layer: a whole unsharded copy of the model per rank), and no traffic is added to the forward or
 the backward. What it adds per rank: one copy of the local rows of the targets (the dense weights while the shards
 hold :math:`\tilde w`), the local masks, and two local-row copies per optimizer step.
+
+While the shards hold :math:`\tilde w` (from ``on_train_batch_start`` to the optimizer step, and during a validation,
+test or predict loop) code that reads a target's local shard reads :math:`\tilde w`; checkpoints Lightning saves
+(``ModelCheckpoint``, ``trainer.save_checkpoint`` between steps) see the dense weights. An exception in between puts
+the dense rows back (``on_exception``).
 """
 
 from __future__ import annotations

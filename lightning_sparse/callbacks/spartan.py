@@ -34,11 +34,15 @@ from lightning_sparse.callbacks._run_end import planned_steps
 from lightning_sparse.callbacks.masked import MaskedForwardCallback
 from lightning_sparse.callbacks.scheduler import SparsityScheduler, find_scheduler
 from lightning_sparse.callbacks.spartan_budget import Budget, solve_budget
-from lightning_sparse.callbacks.spartan_sharded import sharded_gradients, solve_sharded_budget
+from lightning_sparse.callbacks.spartan_sharded import (
+    local_groups,
+    sharded_gradients,
+    solve_sharded_budget,
+    whole_groups,
+)
 from lightning_sparse.core.patterns import NM, Blocks
 from lightning_sparse.core.schedules import Schedule, resolve_step
 from lightning_sparse.core.soft_mask import soft_group_values, spartan_weight
-from lightning_sparse.distributed import group_shard, rows_of, whole_of
 
 COSTS = ("params", "flops")
 DEFAULT_SHARPNESS = 20.0
@@ -318,29 +322,9 @@ class Spartan(MaskedForwardCallback):
         frozen = None if self._frozen is None else {n: self._whole_groups(n, m) for n, m in self._frozen.items()}
         return {"budgets": [b.to_state() for b in budgets], "costs": dict(self._costs), "frozen": frozen}
 
-    def _group_grid(self, name: str) -> tuple[int, int]:
-        """The shape of ``name``'s groups (blocks, or weights) as rows and columns, and the rows per group row."""
-        whole = tuple(self.masks.params[name].shape)
-        groups = self.pattern.num_groups(whole)
-        rows = self.pattern.rows if isinstance(self.pattern, Blocks) else 1
-        return groups // (whole[0] // rows), rows
-
     def _whole_groups(self, name: str, values: Tensor) -> Tensor:
         """The frozen values of every group of ``name`` (gathered from every shard under FSDP2), flat, on the CPU."""
-        shard = self.masks.shards[name]
-        if shard is None:
-            return values.cpu().clone()
-        columns, rows = self._group_grid(name)
-        grid = group_shard(shard, rows, shard.global_shape[0] // rows)
-        return whole_of(values.reshape(-1, columns), grid).reshape(-1).cpu()
-
-    def _local_groups(self, name: str, values: Tensor) -> Tensor:
-        shard = self.masks.shards[name]
-        if shard is None:
-            return values
-        columns, rows = self._group_grid(name)
-        grid = group_shard(shard, rows, shard.global_shape[0] // rows)
-        return rows_of(values.reshape(-1, columns), grid).reshape(-1)
+        return whole_groups(values, self.masks.shards[name], self.pattern, tuple(self.masks.params[name].shape))
 
     def load_extra_state_dict(self, state: dict[str, Any]) -> None:
         self._costs.update(state["costs"])
@@ -350,5 +334,6 @@ class Spartan(MaskedForwardCallback):
             self._budgets.update(dict.fromkeys(budget.names, budget))
         frozen = state["frozen"]
         self._frozen = None if frozen is None else {
-            n: self._local_groups(n, m).to(self.masks.params[n].device) for n, m in frozen.items()
+            n: local_groups(m, self.masks.shards[n], self.pattern, tuple(self.masks.params[n].shape))
+            .to(self.masks.params[n].device) for n, m in frozen.items()
         }

@@ -8,6 +8,8 @@ r"""Spartan's budgets under FSDP2: each rank holds some rows of every weight of 
   threshold meets the same budget to the same tolerance as one process's, but it is not bit-identical to it: the
   float64 sums add the ranks' partial sums, in another order than one process's chunked sum, so the Newton steps see
   sums that differ in the last bits (and the first solve starts from the hard top-k's k-th value).
+* :func:`whole_groups` / :func:`local_groups`: per-group values (the frozen soft mask) gathered whole for a
+  checkpoint, and this rank's part of them again.
 * :func:`sharded_gradients`: the soft mask's implicit gradient on the local rows: each rank's part of
   :math:`\partial L / \partial t` and :math:`\sum_i c_i s_i`, one all-reduce of 2 float64 per budget (16 bytes) per
   optimizer step for all budgets together, then each rank finishes its rows (what ``threshold_node`` does).
@@ -22,10 +24,19 @@ import torch
 from torch import Tensor
 
 from lightning_sparse.callbacks.spartan_budget import Budget, _guess
-from lightning_sparse.core.patterns import Pattern
+from lightning_sparse.core.patterns import Blocks, Pattern
 from lightning_sparse.core.soft_mask import finish_partial_backward, group_magnitudes, spartan_partial_backward
 from lightning_sparse.core.soft_topk_solve import RTOL, solve
-from lightning_sparse.distributed import TRAFFIC, all_reduce_max, all_reduce_sum, distributed_topk
+from lightning_sparse.distributed import (
+    TRAFFIC,
+    Shard,
+    all_reduce_max,
+    all_reduce_sum,
+    distributed_topk,
+    group_shard,
+    rows_of,
+    whole_of,
+)
 
 
 def _reducer(group: object):
@@ -111,3 +122,27 @@ def sharded_gradients(
             grad_t, slope = totals[index].to(direct.device)
             out[name] = finish_partial_backward(direct, signed, grad_t, slope, pattern)
     return out
+
+
+def _grid(values: Tensor, shard: Shard, pattern: Pattern, shape: tuple[int, ...]) -> tuple[Tensor, Shard]:
+    """Flat per-group values as rows of groups, and where this rank's rows of groups sit."""
+    rows = pattern.rows if isinstance(pattern, Blocks) else 1
+    columns = pattern.num_groups(shape) // (shape[0] // rows)
+    return values.reshape(-1, columns), group_shard(shard, rows, shape[0] // rows)
+
+
+def whole_groups(values: Tensor, shard: Shard | None, pattern: Pattern, shape: tuple[int, ...]) -> Tensor:
+    """Every group's value of a weight of ``shape`` from this rank's flat ``values`` (gathered: every rank calls it),
+    flat, on the CPU."""
+    if shard is None:
+        return values.cpu().clone()
+    grid, rows = _grid(values, shard, pattern, shape)
+    return whole_of(grid, rows).reshape(-1).cpu()
+
+
+def local_groups(values: Tensor, shard: Shard | None, pattern: Pattern, shape: tuple[int, ...]) -> Tensor:
+    """This rank's part of every group's flat ``values`` (the inverse of :func:`whole_groups`)."""
+    if shard is None:
+        return values
+    grid, rows = _grid(values, shard, pattern, shape)
+    return rows_of(grid, rows).reshape(-1)

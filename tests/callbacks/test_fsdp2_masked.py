@@ -4,13 +4,18 @@ under Lightning's ``ModelParallelStrategy`` with ``fully_shard`` per layer.
 Checked inside the run, on every rank:
 
 * every mask update equals one process's computation from the gathered weights (and scores) at that step: the hard
-  masks (TopKAST's forward and backward sets, Supermask's tiles, Spartan's hard top-k) bit for bit; Spartan's soft
-  threshold to the tolerance its solve guarantees (see :func:`_check_threshold`);
-* every forward all-gathers exactly the effective weight one process computes from the gathered dense weights and
-  masks (bit for bit);
+  masks (TopKAST's forward and backward sets, Supermask's tiles, Spartan's hard top-k) bit for bit;
+* every forward (training and validation, with gradient accumulation too) all-gathers the effective weight one
+  process computes from the gathered dense weights and masks: bit for bit for TopKAST and Supermask (a select), to
+  1 ulp for Spartan (its sigmoid rounds differently in the CPU's vector loop and its scalar tail, and which elements
+  fall in the tail depends on the tensor's length: a shard's or the whole weight's);
 * every gradient that reaches the optimizer equals the single-process autograd gradient of the dense weights from
-  the gathered dL/d(effective weight): bit for bit for TopKAST and Supermask, to float rounding for Spartan's soft
-  mask (its threshold term sums partials over the ranks).
+  the gathered dL/d(effective weight): bit for bit for TopKAST and Supermask (its tile scores' gradient too), to
+  float32 rounding for Spartan's soft mask (rtol 1e-5, atol 1e-6 of the largest entry: its threshold term sums the
+  ranks' partial sums, in another order than one process's autograd);
+* Spartan's soft threshold: not bit-identical to one process's (the solve's float64 sums add the ranks' partial
+  sums), but it meets the budget to the solve's tolerance and lies within the distance that tolerance allows from
+  one process's threshold (:func:`_check_threshold`).
 
 After the run: exact budgets on the whole masks, identical ranks, and a resume from a mid-run distributed checkpoint
 equal to the uninterrupted FSDP2 run bit for bit.
