@@ -109,6 +109,11 @@ class MaskedForwardCallback(SparsityCallback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Under FSDP2, replace the forward hooks by a :class:`ShardedForward` of the sharded targets."""
         super().on_fit_start(trainer, pl_module)
+        plain = [name for name, shard in self.masks.shards.items() if shard is None]
+        if self.masks.sharded and plain:
+            raise ValueError(f"{type(self).__name__}: under FSDP2 every target must be sharded, but {plain[0]} is a "
+                             "plain tensor; apply fully_shard to the module that holds it (or to the root) in "
+                             f"configure_model, or exclude {plain[0]!r}")
         if self.masks.sharded and self._forward is not None:
             self._forward.remove()
             self._forward = None
@@ -129,6 +134,10 @@ class MaskedForwardCallback(SparsityCallback):
         if self._sharded is not None:
             self._sharded.swap_out(self.local_gradients)
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
+        self._swap_out()  # dense rows for the mask update and for checkpoints, also after a microbatch
+        super().on_train_batch_end(trainer, pl_module, *args)
 
     @torch.no_grad()
     def effective_weights(self) -> dict[str, Tensor]:

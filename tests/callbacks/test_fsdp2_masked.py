@@ -348,3 +348,20 @@ def test_supermask_scores_not_sharded_like_their_weight_are_refused(tmp_path):
                                         r"body.0.weight; apply fully_shard to the module that owns both"):
         fsdp2.fit([Supermask(density=0.25, tile_size=4, exclude="head.weight")], tmp_path, model=ScoresLeftOut(),
                   enable_checkpointing=False)
+
+
+class HeadLeftPlain(fsdp2.ShardedNet):
+    """Shards the body's layers only (no root ``fully_shard``): the head's weight stays a plain tensor."""
+
+    def configure_model(self):
+        fully_shard(self.body[0])
+        fully_shard(self.body[2])
+
+
+@pytest.mark.parametrize("make", [lambda: TopKAST(density=0.25), lambda: Spartan(density=0.25)], ids=["TopKAST",
+                                                                                                   "Spartan"])
+def test_a_plain_target_among_sharded_ones_is_refused(make, tmp_path):
+    torch.manual_seed(0)
+    with pytest.raises(Exception, match=r"under FSDP2 every target must be sharded, but head.weight is a plain tensor; "
+                                        r"apply fully_shard to the module that holds it"):
+        fsdp2.fit([make()], tmp_path, model=HeadLeftPlain(), enable_checkpointing=False)
