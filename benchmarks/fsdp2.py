@@ -8,10 +8,10 @@ every 10 steps), ``NMSparsity`` (2:4), and the masked forwards: ``TopKAST`` (10%
 10 steps), ``Spartan`` (10%, its reference schedule: a solve every step, frozen from 80%) and ``Supermask`` (10% of
 16x16 tiles, every step), one after the other in one run. Per rank: the bytes of the persistent state (local
 parameter shards, gradients, AdamW moments, and the callback's own tensors: masks, backward masks, frozen values and
-the masked forwards' dense rows kept aside while the shards hold the effective weights; Supermask's tile scores are
-parameters), the peak resident memory of the process, the median step time; per mask update, the elements passed to
-collectives by the selection, and per optimizer step those passed outside it (Spartan's gradient term). Prints
-ratios to dense.
+the masked forwards' dense rows kept aside while the shards hold the effective weights, at their largest over the
+steps; Supermask's tile scores are parameters), the peak resident memory of the process, the median step time; per
+mask update, the elements passed to collectives by the selection, and per optimizer step those passed outside it
+(Spartan's gradient term). Prints ratios to dense.
 """
 
 from __future__ import annotations
@@ -101,18 +101,19 @@ class Measure(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         self.times.append(time.perf_counter() - self.start)
+        callback = next((cb for cb in trainer.callbacks if isinstance(cb, SparsityCallback)), None)
+        self.callback_bytes = max(getattr(self, "callback_bytes", 0), _storage_bytes(_callback_tensors(callback)))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         params = list(pl_module.parameters())
         optimizer = trainer.optimizers[0]
         moments = [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim()]
         callback = next((cb for cb in trainer.callbacks if isinstance(cb, SparsityCallback)), None)
-        masks = _callback_tensors(callback)
         updates = getattr(callback, "updates", 0)
         outside = TRAFFIC["elements"] - self.traffic - getattr(callback, "_moved", 0)
         row = {
             "params": _storage_bytes(params), "grads": _storage_bytes(p.grad for p in params if p.grad is not None),
-            "moments": _storage_bytes(moments), "masks": _storage_bytes(masks),
+            "moments": _storage_bytes(moments), "masks": self.callback_bytes,
             "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "step_ms": 1e3 * statistics.median(self.times[5:] or self.times),
             "traffic": getattr(callback, "traffic_per_update", None),

@@ -116,10 +116,12 @@ class TopKAST(MaskedForwardCallback):
         return straight_through_mask(weight, self.masks.multiplier(name), self._backward_multipliers.get(name))
 
     def _set_backward_masks(self, masks: dict[str, Tensor]) -> None:
-        """Keep the backward masks, and as 0/1 values of each weight's dtype (a multiply is faster than a select)."""
+        """Keep the backward masks, and as 0/1 values of each weight's dtype (a multiply is faster than a select;
+        under FSDP2 the bool masks themselves: no float copy of a mask)."""
         self.backward_masks = masks
         params = self.masks.params
-        self._backward_multipliers = {name: mask.to(params[name].dtype) for name, mask in masks.items()}
+        self._backward_multipliers = {name: mask if self.masks.shards[name] is not None else mask.to(params[name].dtype)
+                                      for name, mask in masks.items()}
 
     def extra_state_dict(self) -> dict[str, Any]:
         """The backward masks, whole (gathered from every shard under FSDP2: every rank calls it), compressed."""
