@@ -51,6 +51,10 @@ class MaskedForwardCallback(SparsityCallback):
             ``distribution``, ``include``, ``exclude``, ``skip_first``, ``skip_last``, ``update_every``, ``seed``.
         bake_at_end: call :meth:`bake` when training ends; with False the hooks stay and the model keeps computing
             with the masked weights until you call :meth:`bake`.
+
+    Raises:
+        ValueError: at fit start under FSDP2, for a target that is not sharded while others are (a plain tensor
+            beside ``fully_shard`` ed ones), naming it.
     """
 
     hard_mask = False

@@ -89,7 +89,8 @@ class Spartan(MaskedForwardCallback):
 
     Raises:
         ValueError: for a density outside (0, 1], ``sharpness <= 0``, an N:M pattern, an unknown cost or
-            distribution, a bad ``freeze_at``; in ``setup``, a scheduler sharpness that is not > 0 or given twice.
+            distribution, a bad ``freeze_at``; in ``setup``, a scheduler sharpness that is not > 0 or given twice,
+            or ``cost="flops"`` under ``ModelParallelStrategy`` (FSDP2).
         TypeError: for arguments of the wrong type.
 
     Example::
