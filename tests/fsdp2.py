@@ -90,9 +90,10 @@ class DumpFull(Callback):
 
 
 def fit(callbacks: list[Callback], root: Path, epochs: int = 2, ckpt_path: str | None = None,
-        dump: type[DumpFull] = DumpFull, model: pl.LightningModule | None = None, **kwargs) -> None:
+        dump: type[DumpFull] = DumpFull, model: pl.LightningModule | None = None, world: int = 2, **kwargs) -> None:
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy=ForkedModelParallel(data_parallel_size=2, tensor_parallel_size=1),
+        accelerator="cpu", devices=world,
+        strategy=ForkedModelParallel(data_parallel_size=world, tensor_parallel_size=1),
         max_epochs=epochs, callbacks=[*callbacks, dump(root)], logger=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=root, **kwargs,
     )

@@ -27,11 +27,12 @@ import math
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.distributed.fsdp import fully_shard
 
 from lightning_sparse.callbacks import SparsityScheduler, Spartan, Supermask, TopKAST
 from lightning_sparse.callbacks._run_end import RESUME_WEIGHTS
+from lightning_sparse.callbacks.base import SparsityCallback
 from lightning_sparse.callbacks.spartan_budget import solve_budget
 from lightning_sparse.callbacks.supermask import SUFFIX
 from lightning_sparse.core.masks import topk_mask
@@ -385,3 +386,42 @@ def test_a_plain_target_among_sharded_ones_is_refused(make, tmp_path):
     with pytest.raises(Exception, match=r"under FSDP2 every target must be sharded, but head.weight is a plain tensor; "
                                         r"apply fully_shard to the module that holds it"):
         fsdp2.fit([make()], tmp_path, model=HeadLeftPlain(), enable_checkpointing=False)
+
+
+class RestoredState(Callback):
+    """At train start (after the sparsity callback restored its checkpoint state), write that callback's state."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def on_train_start(self, trainer, pl_module):
+        callback = next(cb for cb in trainer.callbacks if isinstance(cb, SparsityCallback))
+        torch.save(callback.state_dict(), self.root / f"restored{trainer.global_rank}.pt")
+
+
+def _assert_same(saved, restored, where=""):
+    assert type(saved) is type(restored) or not isinstance(saved, dict | list), where
+    if isinstance(saved, dict):
+        assert set(saved) == set(restored), where
+        for key in saved:
+            _assert_same(saved[key], restored[key], f"{where}/{key}")
+    elif isinstance(saved, list | tuple):
+        for i, (a, b) in enumerate(zip(saved, restored, strict=True)):
+            _assert_same(a, b, f"{where}/{i}")
+    elif isinstance(saved, torch.Tensor):
+        assert torch.equal(saved, restored), where
+    else:
+        assert saved == restored, where
+
+
+@pytest.mark.parametrize("case", ["topkast-backward-0.5-4x4", "supermask-tile-4x4", "spartan-frozen-before-resume"])
+def test_a_checkpoint_of_2_ranks_resumes_on_1_rank_with_the_whole_state(case, tmp_path):
+    (tmp_path / "full").mkdir()
+    _fit(case, [*CASES[case](), ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_top_k=-1,
+                                                filename="{epoch}")], tmp_path / "full")
+    saved = torch.load(tmp_path / "epoch=0.ckpt" / "meta.pt", weights_only=True)["callbacks"]
+    callbacks = CASES[case]()
+    fsdp2.fit([*callbacks, RestoredState(tmp_path)], tmp_path, ckpt_path=str(tmp_path / "epoch=0.ckpt"), world=1,
+              dump=Counts, enable_checkpointing=False)
+    state_key = next(cb for cb in callbacks if isinstance(cb, SparsityCallback)).state_key
+    _assert_same(saved[state_key], torch.load(tmp_path / "restored0.pt", weights_only=True))
