@@ -263,6 +263,21 @@ CASES["topkast-a-rank-without-rows"] = lambda: [CheckedTopKAST(density=0.25, bac
 OPTIONS.update({name: {"model": lambda: OneRowHead()}
                 for name in ("spartan-global-a-rank-without-rows", "topkast-a-rank-without-rows")})
 
+CASES["supermask-root-only-fully-shard"] = lambda: [CheckedSupermask(density=0.25, tile_size="4x4",
+                                                                     exclude="head.weight")]
+OPTIONS["supermask-root-only-fully-shard"] = {"model": lambda: RootOnly()}
+
+
+class RootOnly(fsdp2.ShardedNet):
+    """One ``fully_shard`` of the root: every parameter in one group, all-gathered in the root's pre-forward."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        super().__init__()
+
+    def configure_model(self):
+        fully_shard(self)
+
 
 class OneRowHead(fsdp2.ShardedNet):
     """ShardedNet whose head has one row: rank 1 holds none of it."""
