@@ -89,3 +89,33 @@ def test_rows_and_wholes_without_a_process_group():
     assert rows_of(whole, None) is whole and whole_of(whole, None) is whole
     values = torch.tensor([1.0, -2.0])
     assert torch.equal(all_reduce_max(values, None), values) and all_reduce_max(values, None) is not values
+
+
+@pytest.mark.parametrize("kind", ["normal", "few-values", "float64"])
+def test_each_tensor_selected_on_its_own_equals_one_process_topk(kind):
+    from lightning_sparse.distributed import distributed_topk_each
+
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        sizes = torch.randint(1, 300, (4,), generator=generator).tolist()
+        if kind == "few-values":
+            xs = [torch.randint(-3, 3, (n,), generator=generator).float() for n in sizes]
+        else:
+            dtype = torch.float64 if kind == "float64" else torch.float32
+            xs = [torch.randn(n, generator=generator, dtype=dtype) for n in sizes]
+        ks = [int(torch.randint(0, n + 1, (1,), generator=generator)) for n in sizes]
+        before = TRAFFIC["elements"]
+        got = distributed_topk_each(xs, ks)
+        nbytes = 8 if kind == "float64" else 4
+        assert TRAFFIC["elements"] - before == 4 + nbytes * 4 * 256 + 4  # sizes, histograms, tie counts: once
+        for x, k, mask in zip(xs, ks, got, strict=True):
+            assert torch.equal(mask, topk_flat(x, k)), (x.numel(), k)
+
+
+def test_each_selection_needs_one_k_per_tensor_in_range():
+    from lightning_sparse.distributed import distributed_topk_each
+
+    with pytest.raises(ValueError, match=r"ks must give one k per tensor: 2 tensors, got 1 ks"):
+        distributed_topk_each([torch.ones(3), torch.ones(2)], [1])
+    with pytest.raises(ValueError, match=r"k must be in \[0, 2\], got 3"):
+        distributed_topk_each([torch.ones(3), torch.ones(2)], [1, 3])

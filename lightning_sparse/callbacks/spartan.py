@@ -37,7 +37,7 @@ from lightning_sparse.callbacks.spartan_budget import Budget, solve_budget
 from lightning_sparse.callbacks.spartan_sharded import (
     local_groups,
     sharded_gradients,
-    solve_sharded_budget,
+    solve_sharded_budgets,
     whole_groups,
 )
 from lightning_sparse.core.patterns import NM, Blocks
@@ -267,19 +267,20 @@ class Spartan(MaskedForwardCallback):
             groups = [([n], densities[n]) for n in names]
         masks: dict[str, Tensor] = {}
         previous, self._budgets = self._budgets, {}
-        for group, density in groups:
-            budget, group_masks = self._solve(group, density, beta, previous.get(group[0]))
+        for (group, _), (budget, group_masks) in zip(groups, self._solve(groups, beta, previous), strict=True):
             self._budgets.update(dict.fromkeys(group, budget))
             masks.update(group_masks)
         return masks
 
-    def _solve(self, names: list[str], density: float, beta: float, previous: Budget | None):
+    def _solve(self, groups: list[tuple[list[str], float]], beta: float, previous: dict[str, Budget]) -> list:
+        """Every budget's threshold and hard masks (under FSDP2 on the local rows, the selections batched)."""
         if not self.masks.sharded:
-            return solve_budget(self.masks.params, names, self.pattern, self._costs, density, beta, previous)
-        rows = {n: self.masks.local_param(n) for n in names}
-        shapes = {n: tuple(self.masks.params[n].shape) for n in names}
-        group = self.masks.shards[names[0]].group
-        return solve_sharded_budget(rows, names, shapes, self.pattern, density, beta, previous, group)
+            return [solve_budget(self.masks.params, names, self.pattern, self._costs, density, beta,
+                                 previous.get(names[0])) for names, density in groups]
+        rows = {n: self.masks.local_param(n) for n in self.masks.params}
+        shapes = {n: tuple(p.shape) for n, p in self.masks.params.items()}
+        group = next(iter(self.masks.shards.values())).group
+        return solve_sharded_budgets(rows, groups, shapes, self.pattern, beta, previous, group)
 
     def local_gradients(self, dense: dict[str, Tensor], grads: dict[str, Tensor]) -> dict[str, Tensor]:
         """FSDP2: the soft mask's gradient on the local rows (:func:`sharded_gradients`; autograd once frozen)."""

@@ -1,10 +1,12 @@
 r"""Spartan's budgets under FSDP2: each rank holds some rows of every weight of a budget.
 
-* :func:`solve_sharded_budget`: the exact hard top-k through :func:`~lightning_sparse.distributed.distributed_topk`
-  (the single-process set and tie-break), and the soft threshold :math:`t` by the single-process solve
-  (:func:`~lightning_sparse.core.soft_topk_solve.solve`) whose every sum is all-reduced: per budget and solve, one
-  all-reduce of 3 float64 extremes (min, max and the hard top-k's k-th value, 24 bytes) and per Newton step one of
-  2 float64 (kept mass and :math:`m \cdot m`, 16 bytes), plus 8 bytes when the slope needs its exact form. The
+* :func:`solve_sharded_budgets`: the exact hard top-k through
+  :func:`~lightning_sparse.distributed.distributed_topk_each` (one batched radix select for all one-layer budgets;
+  :func:`~lightning_sparse.distributed.distributed_topk` for a pooled one: the single-process sets and tie-break),
+  and the soft threshold :math:`t` by the single-process solve (:func:`~lightning_sparse.core.soft_topk_solve.solve`)
+  whose every sum is all-reduced: per solve of all budgets, one all-reduce of 3 float64 extremes per budget (min, max
+  and the hard top-k's k-th value, 24 bytes); per budget, one of its size (8 bytes) and per Newton step one of 2
+  float64 (kept mass and :math:`m \cdot m`, 16 bytes), plus 8 bytes when the slope needs its exact form. The
   threshold meets the same budget to the same tolerance as one process's, but it is not bit-identical to it: the
   float64 sums add the ranks' partial sums, in another order than one process's chunked sum, so the Newton steps see
   sums that differ in the last bits (and the first solve starts from the hard top-k's k-th value).
@@ -33,6 +35,7 @@ from lightning_sparse.distributed import (
     all_reduce_max,
     all_reduce_sum,
     distributed_topk,
+    distributed_topk_each,
     group_shard,
     rows_of,
     whole_of,
@@ -47,47 +50,70 @@ def _reducer(group: object):
     return reduce
 
 
-def _extremes(flat: Tensor, kept: Tensor, group: object) -> tuple[float, float, float]:
-    """(min, max) of every rank's values, and the lowest kept value (the hard top-k's k-th), in one all-reduce."""
+def _extremes(parts: Sequence[Tensor], kept: Sequence[Tensor], group: object) -> list[tuple[float, float, float]]:
+    """Per budget: (min, max) of every rank's values and the lowest kept value (the hard top-k's k-th), all budgets
+    in one all-reduce of 3 numbers each."""
     inf = torch.tensor(math.inf, dtype=torch.float64)
-    low = flat.min().double() if flat.numel() else inf
-    high = flat.max().double() if flat.numel() else -inf
-    kth = flat[kept].min().double() if kept.any() else inf
-    TRAFFIC["elements"] += 3
-    low, high, kth = all_reduce_max(torch.stack([-low, high, -kth]), group).tolist()
-    return -low, high, -kth
+    rows = []
+    for flat, chosen in zip(parts, kept, strict=True):
+        low = flat.min().double() if flat.numel() else inf
+        high = flat.max().double() if flat.numel() else -inf
+        kth = flat[chosen].min().double() if chosen.any() else inf
+        rows.append(torch.stack([-low, high, -kth]))
+    TRAFFIC["elements"] += 3 * len(rows)
+    return [(-a, b, -c) for a, b, c in all_reduce_max(torch.stack(rows), group).tolist()] if rows else []
+
+
+def _hard_masks(parts: list[list[Tensor]], ks: list[int], group: object) -> list[list[Tensor]]:
+    """The exact hard top-k of every budget: the one-layer budgets in one batched selection, a pooled one (several
+    layers, one k) on its own."""
+    single = [i for i, layers in enumerate(parts) if len(layers) == 1]
+    chosen: dict[int, list[Tensor]] = {}
+    if single:
+        masks = distributed_topk_each([parts[i][0] for i in single], [ks[i] for i in single], group)
+        chosen.update({i: [m] for i, m in zip(single, masks, strict=True)})
+    for i in (i for i in range(len(parts)) if i not in chosen):
+        chosen[i] = distributed_topk(parts[i], ks[i], group)
+    return [chosen[i] for i in range(len(parts))]
 
 
 @torch.no_grad()
-def solve_sharded_budget(
+def solve_sharded_budgets(
     rows: Mapping[str, Tensor],
-    names: Sequence[str],
+    budgets: Sequence[tuple[Sequence[str], float]],
     shapes: Mapping[str, tuple[int, ...]],
     pattern: Pattern,
-    density: float,
     sharpness: float,
-    previous: Budget | None,
+    previous: Mapping[str, Budget],
     group: object,
-) -> tuple[Budget, dict[str, Tensor]]:
-    """:func:`~lightning_sparse.callbacks.spartan_budget.solve_budget` on this rank's ``rows`` of the weights
-    ``names`` (whole shapes ``shapes``); every rank of ``group`` calls it with the same budget.
+) -> list[tuple[Budget, dict[str, Tensor]]]:
+    """:func:`~lightning_sparse.callbacks.spartan_budget.solve_budget` of every budget ``(names, density)`` on this
+    rank's ``rows`` of the weights (whole shapes ``shapes``); ``previous``: the last budget of each weight. Every
+    rank of ``group`` calls it with the same budgets.
 
-    Returns the budget (the same on every rank) and the hard mask of this rank's rows of each weight."""
-    before = None if previous is None else previous.threshold
-    if density == 1:
-        return Budget(tuple(names), -math.inf, sharpness, before=before), {
-            n: torch.ones_like(rows[n], dtype=torch.bool) for n in names}
-    parts = [group_magnitudes(rows[n], pattern) for n in names]
-    total = sum(pattern.num_groups(tuple(shapes[n])) for n in names)
-    chosen = distributed_topk(parts, round(density * total), group)
-    flat, kept = torch.cat(parts), torch.cat(chosen)
-    low, high, kth = _extremes(flat, kept, group)
-    guess = _guess(previous)
-    start = kth if guess is None else guess
-    threshold, _ = solve(flat, None, float(density), float(sharpness), RTOL[flat.dtype], start, (low, high),
-                         _reducer(group))
-    masks = {n: pattern.expand(c, tuple(rows[n].shape)) for n, c in zip(names, chosen, strict=True)}
-    return Budget(tuple(names), threshold, sharpness, before=before), masks
+    Returns per budget the :class:`Budget` (the same on every rank) and the hard mask of this rank's rows of each
+    weight."""
+    todo = [i for i, (_, density) in enumerate(budgets) if density < 1]
+    parts = [[group_magnitudes(rows[n], pattern) for n in budgets[i][0]] for i in todo]
+    ks = [round(budgets[i][1] * sum(pattern.num_groups(tuple(shapes[n])) for n in budgets[i][0])) for i in todo]
+    hard = _hard_masks(parts, ks, group)
+    flats, kept = [torch.cat(p) for p in parts], [torch.cat(h) for h in hard]
+    extremes = dict(zip(todo, zip(flats, hard, _extremes(flats, kept, group), strict=True), strict=True))
+    out = []
+    for i, (names, density) in enumerate(budgets):
+        before_budget = previous.get(names[0])
+        before = None if before_budget is None else before_budget.threshold
+        if i not in extremes:  # density 1: no threshold, everything kept
+            masks = {n: torch.ones_like(rows[n], dtype=torch.bool) for n in names}
+            out.append((Budget(tuple(names), -math.inf, sharpness, before=before), masks))
+            continue
+        flat, chosen, (low, high, kth) = extremes[i]
+        guess = _guess(before_budget)
+        threshold, _ = solve(flat, None, float(density), float(sharpness), RTOL[flat.dtype],
+                             kth if guess is None else guess, (low, high), _reducer(group))
+        masks = {n: pattern.expand(c, tuple(rows[n].shape)) for n, c in zip(names, chosen, strict=True)}
+        out.append((Budget(tuple(names), threshold, sharpness, before=before), masks))
+    return out
 
 
 def sharded_gradients(

@@ -49,7 +49,7 @@ from lightning_sparse.core.masks import topk_mask
 from lightning_sparse.core.patterns import Blocks, as_matrix_shape
 from lightning_sparse.distributed import (
     Shard,
-    distributed_topk,
+    distributed_topk_each,
     group_shard,
     is_dtensor,
     local,
@@ -270,13 +270,15 @@ class Supermask(MaskedForwardCallback):
 
     def compute_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, Tensor]:
         densities = self.layer_densities(step)
-        masks = {}
-        for name, scores in self.scores.items():
-            k, shard = round(densities[name] * scores.numel()), self._score_shards.get(name)
-            flat = local(scores.detach()).reshape(-1)
-            keep = topk_mask(flat, k) if shard is None else distributed_topk([flat], k, shard.group)[0]
-            masks[name] = self.masks.pattern_of(name).expand(keep, tuple(self.masks.masks[name].shape))
-        return masks
+        ks = {name: round(densities[name] * scores.numel()) for name, scores in self.scores.items()}
+        flats = {name: local(scores.detach()).reshape(-1) for name, scores in self.scores.items()}
+        if self.masks.sharded:  # every layer's top-k in the same collectives
+            group = next(iter(self._score_shards.values())).group
+            keep = dict(zip(flats, distributed_topk_each(list(flats.values()), list(ks.values()), group), strict=True))
+        else:
+            keep = {name: topk_mask(flat, ks[name]) for name, flat in flats.items()}
+        return {name: self.masks.pattern_of(name).expand(keep[name], tuple(self.masks.masks[name].shape))
+                for name in flats}
 
     def effective_weight(self, name: str, weight: Tensor) -> Tensor:
         return supermask_weight(weight, local(self.scores[name]), self.masks.masks[name], self.masks.pattern_of(name))
