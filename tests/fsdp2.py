@@ -32,6 +32,12 @@ class ForkedModelParallel(ModelParallelStrategy):
     def _configure_launcher(self) -> None:
         self._launcher = _ForkLauncher(self, start_method="fork")
 
+    def setup_environment(self) -> None:
+        """One thread per rank, also for one rank (Lightning gives each rank cpus / ranks threads): a forked child
+        that starts an OpenMP team of the parent's deadlocks in libgomp (seen with 1 rank after earlier tests)."""
+        super().setup_environment()
+        torch.set_num_threads(1)
+
 
 class ShardedNet(pl.LightningModule):
     """3 Linear layers with 40, 24 and 7 rows (the last split 4 + 3 over 2 ranks), each ``fully_shard`` ed."""
