@@ -106,6 +106,41 @@ def all_reduce_sum(tensor: Tensor, group: object) -> Tensor:
     return tensor
 
 
+def all_reduce_max(tensor: Tensor, group: object) -> Tensor:
+    """``tensor``'s elementwise maximum over the ranks of ``group`` (a copy; unchanged without a process group)."""
+    tensor = tensor.clone()
+    if _initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return tensor
+
+
+def rows_of(whole: Tensor, shard: Shard | None) -> Tensor:
+    """This rank's rows of a whole tensor laid out like the sharded parameter (``whole`` itself for ``None``)."""
+    return whole if shard is None else whole[shard.row_offset : shard.row_offset + shard.rows]
+
+
+def whole_of(rows: Tensor, shard: Shard | None) -> Tensor:
+    """The whole tensor from this rank's ``rows`` (:func:`gather_rows`; ``rows`` itself for ``None``)."""
+    return rows if shard is None else gather_rows(rows, shard)
+
+
+def group_shard(shard: Shard | None, rows_per_group: int, global_rows: int) -> Shard | None:
+    """The shard of a tensor of ``global_rows`` rows with one row per ``rows_per_group`` rows of ``shard``'s
+    parameter (a block grid, Supermask's tile scores): its rows sit where the parameter's do.
+
+    Raises:
+        ValueError: when ``shard``'s rows do not start and end on a group boundary.
+    """
+    if shard is None:
+        return None
+    end = shard.row_offset + shard.rows
+    if shard.row_offset % rows_per_group or (end % rows_per_group and end != shard.global_shape[0]):
+        raise ValueError(f"this rank holds rows {shard.row_offset} to {end} of {shard.global_shape}, which splits "
+                         f"its groups of {rows_per_group} rows")
+    start = shard.row_offset // rows_per_group
+    return Shard((global_rows,), start, -(-end // rows_per_group) - start, shard.group)
+
+
 def gather_rows(rows: Tensor, shard: Shard) -> Tensor:
     """The whole tensor from every rank's rows of it (padded to equal sizes for the collective)."""
     if not _initialized():
@@ -212,6 +247,62 @@ def distributed_topk(scores: Sequence[Tensor], k: int, group: object = None) -> 
         if quota:
             tied = torch.nonzero(key == kth).flatten()[:quota]
             mask[tied] = True
+        masks.append(mask.reshape(score.shape))
+    return masks
+
+
+def _digit_step(histogram: Tensor, k: int, above: int, prefix: int, round_: int) -> tuple[int, int]:
+    """One radix round of a selection: the next byte of the k-th key (as the new prefix) and the keys above it."""
+    from_top = histogram.flip(0).cumsum(0)
+    bin_from_top = int(torch.searchsorted(from_top, torch.tensor(k - above)))
+    digit = 255 - bin_from_top
+    above += int(from_top[bin_from_top - 1]) if bin_from_top else 0
+    return (digit - 128 if round_ == 0 else (prefix << 8) | digit), above
+
+
+def distributed_topk_each(scores: Sequence[Tensor], ks: Sequence[int], group: object = None) -> list[Tensor]:
+    """:func:`distributed_topk` of each tensor on its own (its ``ks[i]`` highest scores over every rank's shard of
+    it), all selections in the same collectives: one size all-reduce, one ``(tensors, 256)`` histogram all-reduce per
+    radix round and one tie-count all-gather, whatever the number of tensors. Each mask equals one process's
+    :func:`~lightning_sparse.core.masks.topk_flat` on the whole tensor (ties to the lowest flat indices).
+
+    Raises:
+        ValueError: when ``ks`` and ``scores`` differ in length, or a ``k`` is outside ``[0, its tensor's size]``.
+    """
+    if len(ks) != len(scores):
+        raise ValueError(f"ks must give one k per tensor: {len(scores)} tensors, got {len(ks)} ks")
+    totals = _all_reduce(torch.tensor([s.numel() for s in scores], dtype=torch.int64), group).tolist()
+    for k, total in zip(ks, totals, strict=True):
+        if not 0 <= k <= total:
+            raise ValueError(f"k must be in [0, {total}], got {k}")
+    nbytes = 8 if any(s.dtype == torch.float64 for s in scores) else 4
+    keys = [_keys(s.detach().reshape(-1).double() if nbytes == 8 else s.detach().reshape(-1)) for s in scores]
+    chosen = [0 < k < total for k, total in zip(ks, totals, strict=True)]
+    prefixes, above = [0] * len(keys), [0] * len(keys)
+    for round_ in range(nbytes):
+        shift = 8 * (nbytes - 1 - round_)
+        histograms = torch.zeros(len(keys), 256, dtype=torch.int64)
+        for i, key in enumerate(keys):
+            if chosen[i]:
+                candidates = key if round_ == 0 else key[(key >> (shift + 8)) == prefixes[i]]
+                digits = (candidates >> shift) & 0xFF if round_ else (candidates >> shift) + 128
+                histograms[i] = torch.bincount(digits, minlength=256).cpu()
+        _all_reduce(histograms, group)
+        for i in (i for i in range(len(keys)) if chosen[i]):
+            prefixes[i], above[i] = _digit_step(histograms[i], ks[i], above[i], prefixes[i], round_)
+    ties = torch.tensor([int((key == kth).sum()) if c else 0 for key, kth, c in zip(keys, prefixes, chosen,
+                                                                                   strict=True)], dtype=torch.int64)
+    counts = _ties_before(ties, group)  # (world, tensors)
+    rank = dist.get_rank(group) if _initialized() else 0
+    masks = []
+    for i, (key, score) in enumerate(zip(keys, scores, strict=True)):
+        if not chosen[i]:
+            masks.append(torch.full(score.shape, ks[i] > 0, dtype=torch.bool, device=score.device))
+            continue
+        quota = max(0, min(int(ties[i]), ks[i] - above[i] - int(counts[:rank, i].sum())))
+        mask = key > prefixes[i]
+        if quota:
+            mask[torch.nonzero(key == prefixes[i]).flatten()[:quota]] = True
         masks.append(mask.reshape(score.shape))
     return masks
 

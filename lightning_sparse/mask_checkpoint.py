@@ -43,11 +43,11 @@ _BITS = torch.arange(8, dtype=torch.uint8)
 
 def pack_bits(mask: Tensor) -> Tensor:
     """``(rows, ...)`` bool -> ``(rows, ceil(columns / 8))`` uint8, column ``8 b + j`` in bit ``j`` of byte ``b``."""
-    flat = mask.reshape(mask.shape[0], -1).to(torch.uint8)
+    flat = mask.reshape(mask.shape[0], _row_size(tuple(mask.shape))).to(torch.uint8)  # 0 rows: a rank without any
     pad = -flat.shape[1] % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(flat.shape[0], pad)], dim=1)
-    bits = flat.reshape(flat.shape[0], -1, 8) << _BITS.to(flat.device)
+    bits = flat.reshape(flat.shape[0], flat.shape[1] // 8, 8) << _BITS.to(flat.device)
     return bits.sum(-1, dtype=torch.uint8)
 
 
@@ -57,7 +57,7 @@ def unpack_bits(packed: Tensor, shape: tuple[int, ...]) -> Tensor:
     for dim in shape[1:]:
         columns *= dim
     bits = (packed.unsqueeze(-1) >> _BITS.to(packed.device)) & 1
-    return bits.reshape(packed.shape[0], -1)[:, :columns].bool().reshape(shape)
+    return bits.reshape(packed.shape[0], packed.shape[1] * 8)[:, :columns].bool().reshape(shape)
 
 
 def packed_columns(shape: tuple[int, ...]) -> int:

@@ -32,6 +32,12 @@ class ForkedModelParallel(ModelParallelStrategy):
     def _configure_launcher(self) -> None:
         self._launcher = _ForkLauncher(self, start_method="fork")
 
+    def setup_environment(self) -> None:
+        """One thread per rank, also for one rank (Lightning gives each rank cpus / ranks threads): a forked child
+        that starts an OpenMP team of the parent's deadlocks in libgomp (seen with 1 rank after earlier tests)."""
+        super().setup_environment()
+        torch.set_num_threads(1)
+
 
 class ShardedNet(pl.LightningModule):
     """3 Linear layers with ``hidden`` (40), 24 and 7 rows (the last split 4 + 3 over 2 ranks), each
@@ -97,10 +103,11 @@ class DumpFull(Callback):
 
 
 def fit(callbacks: list[Callback], root: Path, epochs: int = 2, ckpt_path: str | None = None,
-        model: pl.LightningModule | None = None, **kwargs) -> None:
+        dump: type[DumpFull] = DumpFull, model: pl.LightningModule | None = None, world: int = 2, **kwargs) -> None:
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy=ForkedModelParallel(data_parallel_size=2, tensor_parallel_size=1),
-        max_epochs=epochs, callbacks=[*callbacks, DumpFull(root)], logger=False, enable_progress_bar=False,
+        accelerator="cpu", devices=world,
+        strategy=ForkedModelParallel(data_parallel_size=world, tensor_parallel_size=1),
+        max_epochs=epochs, callbacks=[*callbacks, dump(root)], logger=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=root, **kwargs,
     )
     trainer.fit(model or sharded_model(), data(), ckpt_path=ckpt_path)

@@ -68,3 +68,54 @@ def test_sharded_selection_needs_every_target_sharded_and_no_global_nm():
         select_sharded_masks(scores, {"w": 0.5}, {"w": parse_pattern("2:4")}, shard, shapes, global_density=0.5)
     mask = select_sharded_masks(scores, {"w": 0.25}, {"w": parse_pattern("unstructured")}, shard, shapes)["w"]
     assert torch.equal(mask, topk_flat(scores["w"].reshape(-1), 4).reshape(4, 4))
+
+
+def test_group_shards_follow_the_parameters_rows():
+    from lightning_sparse.distributed import group_shard
+
+    assert group_shard(None, 4, 3) is None
+    assert group_shard(Shard((12, 8), 8, 4, None), 4, 3) == Shard((3,), 2, 1, None)
+    assert group_shard(Shard((10, 8), 8, 2, None), 2, 5) == Shard((5,), 4, 1, None)
+    with pytest.raises(ValueError, match=r"this rank holds rows 6 to 12 of \(12, 8\), which splits its groups of "
+                                         r"4 rows"):
+        group_shard(Shard((12, 8), 6, 6, None), 4, 3)
+
+
+def test_rows_and_wholes_without_a_process_group():
+    from lightning_sparse.distributed import all_reduce_max, rows_of, whole_of
+
+    whole = torch.arange(12).reshape(6, 2)
+    assert torch.equal(rows_of(whole, Shard((6, 2), 2, 3, None)), whole[2:5])
+    assert rows_of(whole, None) is whole and whole_of(whole, None) is whole
+    values = torch.tensor([1.0, -2.0])
+    assert torch.equal(all_reduce_max(values, None), values) and all_reduce_max(values, None) is not values
+
+
+@pytest.mark.parametrize("kind", ["normal", "few-values", "float64"])
+def test_each_tensor_selected_on_its_own_equals_one_process_topk(kind):
+    from lightning_sparse.distributed import distributed_topk_each
+
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        sizes = torch.randint(1, 300, (4,), generator=generator).tolist()
+        if kind == "few-values":
+            xs = [torch.randint(-3, 3, (n,), generator=generator).float() for n in sizes]
+        else:
+            dtype = torch.float64 if kind == "float64" else torch.float32
+            xs = [torch.randn(n, generator=generator, dtype=dtype) for n in sizes]
+        ks = [int(torch.randint(0, n + 1, (1,), generator=generator)) for n in sizes]
+        before = TRAFFIC["elements"]
+        got = distributed_topk_each(xs, ks)
+        nbytes = 8 if kind == "float64" else 4
+        assert TRAFFIC["elements"] - before == 4 + nbytes * 4 * 256 + 4  # sizes, histograms, tie counts: once
+        for x, k, mask in zip(xs, ks, got, strict=True):
+            assert torch.equal(mask, topk_flat(x, k)), (x.numel(), k)
+
+
+def test_each_selection_needs_one_k_per_tensor_in_range():
+    from lightning_sparse.distributed import distributed_topk_each
+
+    with pytest.raises(ValueError, match=r"ks must give one k per tensor: 2 tensors, got 1 ks"):
+        distributed_topk_each([torch.ones(3), torch.ones(2)], [1])
+    with pytest.raises(ValueError, match=r"k must be in \[0, 2\], got 3"):
+        distributed_topk_each([torch.ones(3), torch.ones(2)], [1, 3])

@@ -12,6 +12,10 @@ by the per-weight FLOPs under ``cost="flops"``), :math:`\rho` the scheduled dens
 sharpness and :math:`\tau` the soft value of the last entry of the exact hard top-k (exactly ``round(rho * n)``
 entries kept). The gradient passes the hard mask straight through and differentiates the soft mask implicitly
 (:mod:`lightning_sparse.core.soft_mask`), so pruned weights keep learning and can come back.
+
+Under FSDP2 every budget is solved on the local shards (:mod:`lightning_sparse.callbacks.spartan_sharded`: the exact
+hard top-k, the soft threshold from all-reduced sums) and the frozen soft values are gathered whole into checkpoints;
+``cost="flops"`` is refused there.
 """
 
 from __future__ import annotations
@@ -30,6 +34,12 @@ from lightning_sparse.callbacks._run_end import planned_steps
 from lightning_sparse.callbacks.masked import MaskedForwardCallback
 from lightning_sparse.callbacks.scheduler import SparsityScheduler, find_scheduler
 from lightning_sparse.callbacks.spartan_budget import Budget, solve_budget
+from lightning_sparse.callbacks.spartan_sharded import (
+    local_groups,
+    sharded_gradients,
+    solve_sharded_budgets,
+    whole_groups,
+)
 from lightning_sparse.core.patterns import NM, Blocks
 from lightning_sparse.core.schedules import Schedule, resolve_step
 from lightning_sparse.core.soft_mask import soft_group_values, spartan_weight
@@ -79,7 +89,8 @@ class Spartan(MaskedForwardCallback):
 
     Raises:
         ValueError: for a density outside (0, 1], ``sharpness <= 0``, an N:M pattern, an unknown cost or
-            distribution, a bad ``freeze_at``; in ``setup``, a scheduler sharpness that is not > 0 or given twice.
+            distribution, a bad ``freeze_at``; in ``setup``, a scheduler sharpness that is not > 0 or given twice,
+            or ``cost="flops"`` under ``ModelParallelStrategy`` (FSDP2).
         TypeError: for arguments of the wrong type.
 
     Example::
@@ -89,6 +100,8 @@ class Spartan(MaskedForwardCallback):
 
         trainer = Trainer(max_epochs=10, callbacks=[Spartan(density=0.1, sharpness=20.0, distribution="global")])
     """
+
+    supports_fsdp2 = True
 
     def __init__(
         self,
@@ -137,6 +150,10 @@ class Spartan(MaskedForwardCallback):
         if stage != "fit":
             return
         self._check_layouts()
+        strategies = {cls.__name__ for cls in type(getattr(trainer, "strategy", None)).__mro__}
+        if self.cost == "flops" and "ModelParallelStrategy" in strategies:
+            raise ValueError("Spartan(cost='flops') is not supported under ModelParallelStrategy (FSDP2): its hard "
+                             "top-k by unit value over unequal costs is not distributed; use cost='params' there")
         scheduler = next((cb for cb in trainer.callbacks if isinstance(cb, SparsityScheduler)), None)
         schedule = None if scheduler is None else scheduler.sharpness_schedule
         if schedule is not None:
@@ -250,12 +267,28 @@ class Spartan(MaskedForwardCallback):
             groups = [([n], densities[n]) for n in names]
         masks: dict[str, Tensor] = {}
         previous, self._budgets = self._budgets, {}
-        for group, density in groups:
-            budget, group_masks = solve_budget(self.masks.params, group, self.pattern, self._costs, density, beta,
-                                               previous.get(group[0]))
+        for (group, _), (budget, group_masks) in zip(groups, self._solve(groups, beta, previous), strict=True):
             self._budgets.update(dict.fromkeys(group, budget))
             masks.update(group_masks)
         return masks
+
+    def _solve(self, groups: list[tuple[list[str], float]], beta: float, previous: dict[str, Budget]) -> list:
+        """Every budget's threshold and hard masks (under FSDP2 on the local rows, the selections batched)."""
+        if not self.masks.sharded:
+            return [solve_budget(self.masks.params, names, self.pattern, self._costs, density, beta,
+                                 previous.get(names[0])) for names, density in groups]
+        rows = {n: self.masks.local_param(n) for n in self.masks.params}
+        shapes = {n: tuple(p.shape) for n, p in self.masks.params.items()}
+        group = next(iter(self.masks.shards.values())).group
+        return solve_sharded_budgets(rows, groups, shapes, self.pattern, beta, previous, group)
+
+    def local_gradients(self, dense: dict[str, Tensor], grads: dict[str, Tensor]) -> dict[str, Tensor]:
+        """FSDP2: the soft mask's gradient on the local rows (:func:`sharded_gradients`; autograd once frozen)."""
+        if self._frozen is not None:
+            return super().local_gradients(dense, grads)
+        budgets = list({id(b): b for b in self._budgets.values()}.values())
+        group = next(iter(self.masks.shards.values())).group
+        return sharded_gradients(budgets, dense, grads, self.pattern, self._costs, group)
 
     def update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, Tensor]:
         changed = super().update_masks(trainer, pl_module, step)
@@ -266,10 +299,11 @@ class Spartan(MaskedForwardCallback):
     @torch.no_grad()
     def _freeze(self) -> None:
         self._frozen = {}
-        for name, param in self.masks.params.items():
+        for name in self.masks.params:
             budget = self._budgets[name]
             threshold = budget.threshold_tensor(self.masks.params, self.pattern, self._costs, graph=False)
-            values = soft_group_values(param, self.pattern, threshold, budget.sharpness, self._costs[name])
+            values = soft_group_values(self.masks.local_param(name), self.pattern, threshold, budget.sharpness,
+                                       self._costs[name])
             keep = self.pattern.compress(self.masks.masks[name]).reshape(-1)
             self._frozen[name] = torch.where(keep, values.to(keep.device), 0.0)
 
@@ -287,8 +321,12 @@ class Spartan(MaskedForwardCallback):
     # ----------------------------------------------------------------------------------------- state
     def extra_state_dict(self) -> dict[str, Any]:
         budgets = list({id(b): b for b in self._budgets.values()}.values())
-        frozen = None if self._frozen is None else {n: m.cpu().clone() for n, m in self._frozen.items()}
+        frozen = None if self._frozen is None else {n: self._whole_groups(n, m) for n, m in self._frozen.items()}
         return {"budgets": [b.to_state() for b in budgets], "costs": dict(self._costs), "frozen": frozen}
+
+    def _whole_groups(self, name: str, values: Tensor) -> Tensor:
+        """The frozen values of every group of ``name`` (gathered from every shard under FSDP2), flat, on the CPU."""
+        return whole_groups(values, self.masks.shards[name], self.pattern, tuple(self.masks.params[name].shape))
 
     def load_extra_state_dict(self, state: dict[str, Any]) -> None:
         self._costs.update(state["costs"])
@@ -298,5 +336,6 @@ class Spartan(MaskedForwardCallback):
             self._budgets.update(dict.fromkeys(budget.names, budget))
         frozen = state["frozen"]
         self._frozen = None if frozen is None else {
-            n: m.to(self.masks.params[n].device) for n, m in frozen.items()
+            n: local_groups(m, self.masks.shards[n], self.pattern, tuple(self.masks.params[n].shape))
+            .to(self.masks.params[n].device) for n, m in frozen.items()
         }

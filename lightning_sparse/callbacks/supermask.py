@@ -24,6 +24,11 @@ the plain model's. The callback's own state holds their values. Their optimizer 
 optimizer checkpointing, so a resumed run continues exactly. :meth:`Supermask.bake` (at train end) writes
 :math:`\tilde w` into the weights, then removes the hooks and the score parameters. The optimizer still holds the
 removed scores, so do not step it after ``bake``.
+
+Under FSDP2 the scores are sharded with their module (``fully_shard`` in ``configure_model``), each rank's tile rows
+beside its weight rows: the top-k runs over the local scores through the exact distributed selection, the score
+gradient is summed over the local tiles, and checkpoints hold the whole scores. ``bake`` keeps the (unused) score
+parameters there, still left out of ``state_dict()``: FSDP2 owns them and would put them back at the next forward.
 """
 
 from __future__ import annotations
@@ -39,8 +44,18 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_sparse.callbacks.masked import MaskedForwardCallback
+from lightning_sparse.callbacks.masked_fsdp2 import set_local_grad
 from lightning_sparse.core.masks import topk_mask
 from lightning_sparse.core.patterns import Blocks, as_matrix_shape
+from lightning_sparse.distributed import (
+    Shard,
+    distributed_topk_each,
+    group_shard,
+    is_dtensor,
+    local,
+    rows_of,
+    whole_of,
+)
 
 SUFFIX = "_supermask_scores"
 SCORE_INITS = ("kaiming_uniform", "magnitude")
@@ -153,6 +168,8 @@ class Supermask(MaskedForwardCallback):
         trainer = Trainer(max_epochs=10, callbacks=[Supermask(density=0.2, tile_size=16, exclude=["head.weight"])])
     """
 
+    supports_fsdp2 = True
+
     def __init__(
         self,
         density: float | None = None,
@@ -173,6 +190,7 @@ class Supermask(MaskedForwardCallback):
         self.scores: dict[str, Tensor] = {}
         self._owners: dict[str, tuple[nn.Module, str]] = {}
         self._hooks: list[RemovableHandle] = []
+        self._score_shards: dict[str, Shard | None] = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
@@ -214,6 +232,21 @@ class Supermask(MaskedForwardCallback):
                             owner.register_load_state_dict_pre_hook(hooks.note_absent),
                             owner.register_load_state_dict_post_hook(hooks.allow_absent)]
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Hold the score parameters the strategy trains (FSDP2 replaced them by sharded ones, like the weights)."""
+        super().on_fit_start(trainer, pl_module)
+        self._score_shards = {}
+        for name in self.scores:
+            owner, score_name = self._owners[name]
+            self.scores[name] = owner._parameters[score_name]
+            shard = self.masks.shards[name]
+            tile_rows = self.masks.pattern_of(name).rows
+            self._score_shards[name] = group_shard(shard, tile_rows, self.scores[name].shape[0])
+            if is_dtensor(self.scores[name]) != (shard is not None) or (
+                    shard is not None and local(self.scores[name]).shape[0] != self._score_shards[name].rows):
+                raise ValueError(f"Supermask: the scores {name + SUFFIX} are not sharded like {name}; apply "
+                                 "fully_shard to the module that owns both (they are its parameters)")
+
     def remove_scores(self) -> None:
         """Remove the score parameters and their state-dict hooks from the model; :attr:`scores` keeps their
         values (detached) for the callback's state."""
@@ -237,25 +270,44 @@ class Supermask(MaskedForwardCallback):
 
     def compute_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, Tensor]:
         densities = self.layer_densities(step)
-        masks = {}
-        for name, scores in self.scores.items():
-            keep = topk_mask(scores.detach().reshape(-1), round(densities[name] * scores.numel()))
-            masks[name] = self.masks.pattern_of(name).expand(keep, tuple(self.masks.params[name].shape))
-        return masks
+        ks = {name: round(densities[name] * scores.numel()) for name, scores in self.scores.items()}
+        flats = {name: local(scores.detach()).reshape(-1) for name, scores in self.scores.items()}
+        if self.masks.sharded:  # every layer's top-k in the same collectives
+            group = next(iter(self._score_shards.values())).group
+            keep = dict(zip(flats, distributed_topk_each(list(flats.values()), list(ks.values()), group), strict=True))
+        else:
+            keep = {name: topk_mask(flat, ks[name]) for name, flat in flats.items()}
+        return {name: self.masks.pattern_of(name).expand(keep[name], tuple(self.masks.masks[name].shape))
+                for name in flats}
 
     def effective_weight(self, name: str, weight: Tensor) -> Tensor:
-        return supermask_weight(weight, self.scores[name], self.masks.masks[name], self.masks.pattern_of(name))
+        return supermask_weight(weight, local(self.scores[name]), self.masks.masks[name], self.masks.pattern_of(name))
+
+    def local_gradients(self, dense: dict[str, Tensor], grads: dict[str, Tensor]) -> dict[str, Tensor]:
+        """FSDP2: the weights' and the scores' gradients on the local rows and tiles (the scores' set here)."""
+        out = {}
+        with torch.enable_grad():
+            for name, rows in dense.items():
+                leaf, scores = rows.detach().requires_grad_(), local(self.scores[name]).detach().requires_grad_()
+                effective = supermask_weight(leaf, scores, self.masks.masks[name], self.masks.pattern_of(name))
+                out[name], grad_scores = torch.autograd.grad(effective, (leaf, scores), grads[name])
+                set_local_grad(self.scores[name], grad_scores)
+        return out
 
     @torch.no_grad()
     def bake(self, keep_training_state: bool = True) -> None:
         """Write the masked weights into the parameters, remove the hooks and the score parameters (do not step the
         optimizer afterwards: it still holds the removed scores). ``keep_training_state``: see
         :meth:`~lightning_sparse.callbacks.masked.MaskedForwardCallback.bake` (the scores are part of that state)."""
+        sharded = self.masks is not None and self.masks.sharded
         super().bake(keep_training_state)
-        self.remove_scores()
+        if not sharded:
+            self.remove_scores()
 
     def extra_state_dict(self) -> dict[str, Any]:
-        return {"scores": {name: scores.detach().cpu().clone() for name, scores in self.scores.items()}}
+        """The whole scores (gathered from every shard under FSDP2: every rank calls it)."""
+        return {"scores": {name: whole_of(local(scores.detach()), self._score_shards.get(name)).cpu().clone()
+                           for name, scores in self.scores.items()}}
 
     @torch.no_grad()
     def load_extra_state_dict(self, state: dict[str, Any]) -> None:
@@ -263,4 +315,4 @@ class Supermask(MaskedForwardCallback):
         if set(stored) != set(self.scores):
             raise ValueError(f"the checkpoint holds Supermask scores for {sorted(stored)}, not {sorted(self.scores)}")
         for name, values in stored.items():
-            self.scores[name].copy_(values)
+            local(self.scores[name].data).copy_(rows_of(values, self._score_shards.get(name)))

@@ -12,6 +12,9 @@ with :math:`D` = ``density`` (exactly ``round(D * n)`` weights) and :math:`D + M
 ``backward_density``, :math:`B` is everything (a dense straight-through gradient, the "dual averaging" form). Both
 sets are recomputed every ``update_every`` optimizer steps. The paper's exploration penalty on :math:`B \setminus A`
 is not part of this callback (add it to the loss when wanted).
+
+Under FSDP2 both sets are selected on the local shards by the exact distributed top-k (the single-process sets and
+tie-break), and the backward masks are gathered whole into checkpoints.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from lightning_sparse.callbacks.masked import MaskedForwardCallback
 from lightning_sparse.callbacks.scheduler import SparsityScheduler
 from lightning_sparse.core.density import check_density
 from lightning_sparse.core.scores import magnitude
-from lightning_sparse.core.selection import select_masks
 from lightning_sparse.core.soft_mask import straight_through_mask
+from lightning_sparse.distributed import rows_of, whole_of
 
 
 class TopKAST(MaskedForwardCallback):
@@ -62,6 +65,8 @@ class TopKAST(MaskedForwardCallback):
         trainer = Trainer(max_epochs=10, callbacks=[TopKAST(density=0.1, backward_density=0.2, update_every=10)])
     """
 
+    supports_fsdp2 = True
+
     def __init__(
         self,
         density: float | None = None,
@@ -95,15 +100,15 @@ class TopKAST(MaskedForwardCallback):
             self._check_backward(scheduler.final_density)
 
     def compute_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, Tensor]:
-        scores = {name: magnitude(param) for name, param in self.masks.params.items()}
+        scores = {name: magnitude(self.masks.local_param(name)) for name in self.masks.params}
         densities, target = self.layer_densities(step), self.target_density(step)
         fixed = set(self.layer_overrides)
         pooled = target if self.distribution == "global" else None
-        masks = select_masks(scores, densities, self.masks.patterns, pooled, fixed)
+        masks = self.select(scores, densities, pooled, fixed)
         if self.backward_density is not None:
             backward = {name: max(d, self.backward_density) for name, d in densities.items()}
             overall = max(target, self.backward_density) if self.distribution == "global" else None
-            wider = select_masks(scores, backward, self.masks.patterns, overall, fixed)
+            wider = self.select(scores, backward, overall, fixed)
             self._set_backward_masks({name: wider[name] | masks[name] for name in masks})
         return masks
 
@@ -111,18 +116,23 @@ class TopKAST(MaskedForwardCallback):
         return straight_through_mask(weight, self.masks.multiplier(name), self._backward_multipliers.get(name))
 
     def _set_backward_masks(self, masks: dict[str, Tensor]) -> None:
-        """Keep the backward masks, and as 0/1 values of each weight's dtype (a multiply is faster than a select)."""
+        """Keep the backward masks, and as 0/1 values of each weight's dtype (a multiply is faster than a select;
+        under FSDP2 the bool masks themselves: no float copy of a mask)."""
         self.backward_masks = masks
         params = self.masks.params
-        self._backward_multipliers = {name: mask.to(params[name].dtype) for name, mask in masks.items()}
+        self._backward_multipliers = {name: mask if self.masks.shards[name] is not None else mask.to(params[name].dtype)
+                                      for name, mask in masks.items()}
 
     def extra_state_dict(self) -> dict[str, Any]:
-        compress = self.masks.pattern_of
-        return {"backward_masks": {name: compress(name).compress(m).cpu() for name, m in self.backward_masks.items()}}
+        """The backward masks, whole (gathered from every shard under FSDP2: every rank calls it), compressed."""
+        shards, compress = self.masks.shards, self.masks.pattern_of
+        return {"backward_masks": {name: compress(name).compress(whole_of(m, shards[name]).cpu())
+                                   for name, m in self.backward_masks.items()}}
 
     def load_extra_state_dict(self, state: dict[str, Any]) -> None:
-        params = self.masks.params
+        params, shards = self.masks.params, self.masks.shards
         self._set_backward_masks({
-            name: self.masks.pattern_of(name).expand(m, tuple(params[name].shape)).to(params[name].device)
+            name: rows_of(self.masks.pattern_of(name).expand(m, tuple(params[name].shape)), shards[name])
+            .to(self.masks.masks[name].device)
             for name, m in state.get("backward_masks", {}).items()
         })

@@ -43,8 +43,8 @@ from lightning_sparse.core.patterns import Blocks, Pattern
 from lightning_sparse.core.soft_topk import soft_topk_threshold
 from lightning_sparse.core.soft_topk_solve import sum64_tensor
 
-__all__ = ["group_magnitudes", "hard_topk", "soft_group_values", "soft_topk_threshold", "spartan_weight",
-           "straight_through_mask", "threshold_node"]
+__all__ = ["finish_partial_backward", "group_magnitudes", "hard_topk", "soft_group_values", "soft_topk_threshold",
+           "spartan_partial_backward", "spartan_weight", "straight_through_mask", "threshold_node"]
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -148,16 +148,52 @@ class _SpartanWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         weight, values = ctx.saved_tensors
-        pattern, beta, size = ctx.pattern, ctx.sharpness, _group_size(ctx.pattern)
-        signed_slope, slope = _signed_slope_of(weight, values, pattern)
-        grad_values = pattern.group_scores((grad * weight).float())  # dL/dm per group, over the group size
-        grad_threshold = -beta * size * torch.dot(grad_values, slope) if ctx.needs_input_grad[1] else None
+        grad_weight, grad_threshold, signed_slope, slope = _weight_backward(
+            weight, values, grad, ctx.pattern, ctx.sharpness, ctx.cost, ctx.needs_input_grad[1])
         if ctx.cache is not None:
             ctx.cache.put(weight, signed_slope, sum64_tensor(slope))
-        grad_weight = grad * pattern.expand(values, weight.shape).to(grad.dtype)
-        per_weight = pattern.expand(grad_values.mul_(beta / ctx.cost), weight.shape)  # dL/d|w| over s
-        grad_weight.addcmul_(signed_slope, per_weight.to(grad.dtype))
         return grad_weight, grad_threshold, None, None, None, None
+
+
+def _weight_backward(
+    weight: Tensor, values: Tensor, grad: Tensor, pattern: Pattern, beta: float, cost: float, with_threshold: bool
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """``w * m * keep``'s backward with the threshold held: dL/dw through ``w`` and ``m``, dL/dt (when asked), and
+    ``sign(w) * s`` expanded and the group slopes ``s`` (for the threshold's own backward)."""
+    signed_slope, slope = _signed_slope_of(weight, values, pattern)
+    grad_values = pattern.group_scores((grad * weight).float())  # dL/dm per group, over the group size
+    grad_threshold = -beta * _group_size(pattern) * torch.dot(grad_values, slope) if with_threshold else None
+    grad_weight = grad * pattern.expand(values, weight.shape).to(grad.dtype)
+    per_weight = pattern.expand(grad_values.mul_(beta / cost), weight.shape)  # dL/d|w| over s
+    grad_weight.addcmul_(signed_slope, per_weight.to(grad.dtype))
+    return grad_weight, grad_threshold, signed_slope, slope
+
+
+@torch.no_grad()
+def spartan_partial_backward(
+    weight: Tensor, grad: Tensor, pattern: Pattern, threshold: Tensor | float, sharpness: float, cost: float = 1.0
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r""":func:`spartan_weight`'s backward on one part of a budget (e.g. one rank's rows of its weights), given
+    ``grad`` = dL/d(effective weight) of those rows.
+
+    Returns ``(direct, signed_slope, grad_threshold, slope_sum)``: the gradient with the threshold held, ``sign(w) *
+    s`` expanded to the weight, this part's :math:`\partial L / \partial t` (float32) and :math:`\sum s` (float64).
+    The whole gradient of these rows is ``direct + signed_slope * G / S / group size``, with :math:`G` the sum of
+    ``grad_threshold`` and :math:`S` the sum of ``cost * slope_sum`` over every part and layer of the budget: what
+    :func:`threshold_node`'s backward adds (:func:`finish_partial_backward`).
+    """
+    values = soft_group_values(weight, pattern, threshold, sharpness, cost)
+    direct, grad_threshold, signed_slope, slope = _weight_backward(weight, values, grad, pattern, float(sharpness),
+                                                                   float(cost), True)
+    return direct, signed_slope, grad_threshold, sum64_tensor(slope)
+
+
+def finish_partial_backward(direct: Tensor, signed_slope: Tensor, grad_threshold: Tensor, slope_total: Tensor,
+                            pattern: Pattern) -> Tensor:
+    """The whole gradient of one part from :func:`spartan_partial_backward`'s ``direct`` and ``signed_slope``, the
+    budget's summed ``grad_threshold`` and summed ``cost * slope_sum`` (``threshold_node``'s backward, same steps)."""
+    scale = grad_threshold.double() / slope_total.clamp_min(torch.finfo(torch.float64).tiny) / _group_size(pattern)
+    return direct.add_(signed_slope.mul(scale.to(signed_slope.dtype)))
 
 
 def _signed_slope_of(weight: Tensor, values: Tensor, pattern: Pattern) -> tuple[Tensor, Tensor]:

@@ -1,6 +1,10 @@
 r"""The scalar solve behind :func:`~lightning_sparse.core.soft_topk.soft_topk`: the threshold :math:`t` with
 :math:`\sum_i c_i \sigma(\beta (u_i - t)) = \rho \sum_i c_i` to a relative tolerance, by a safeguarded Newton search
 on a log-residual (exact on the exponential tails), with float64 accumulation of float32 passes.
+
+With ``reduce`` (a function that sums a small float64 vector over every part of ``u``, e.g. an all-reduce over the
+ranks that each hold some rows), :func:`solve` runs on one part of the entries: every sum it takes is the sum over
+all parts, so every part takes the same steps to the same threshold (1 or 2 reductions of 2 numbers per step).
 """
 
 from __future__ import annotations
@@ -11,7 +15,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["RTOL", "logits", "solve", "sum64", "sum64_tensor"]
+__all__ = ["RTOL", "Reduce", "logits", "solve", "sum64", "sum64_tensor"]
+
+Reduce = Callable[[Tensor], Tensor]
+"""Sums a float64 vector over every part of the entries (returns a new tensor, the same on every part)."""
 
 _DIRECT_MAX = 1 << 17  # up to this many entries the solve starts from the exact hard threshold
 _SAMPLE = 1 << 16  # above it, from the solution on a subsample of this size
@@ -58,10 +65,13 @@ class _Budget:
     make Newton exact on the exponential tails, where a Newton step on the plain sum crawls by 1 / beta.
     """
 
-    def __init__(self, u: Tensor, c: Tensor | None, density: float, beta: float) -> None:
-        self.u, self.c, self.beta = u, c, beta
+    def __init__(self, u: Tensor, c: Tensor | None, density: float, beta: float, reduce: Reduce | None = None) -> None:
+        self.u, self.c, self.beta, self.reduce = u, c, beta, reduce
         self.total = float(u.numel()) if c is None else sum64(c)
+        if reduce is not None:
+            self.total = reduce(torch.tensor([self.total], dtype=torch.float64)).item()
         self.budget = density * self.total
+        self.dot = math.nan  # m.m over every part, taken with the kept mass when reduce is given
         self.low = density <= 0.5
         self.mask = torch.empty_like(u)
         self.tmp = torch.empty_like(u)
@@ -69,7 +79,12 @@ class _Budget:
 
     def residual(self, t: float) -> float:
         logits(self.u, t, self.beta, self.mask).sigmoid_()
-        kept = sum64(self.mask if self.c is None else torch.mul(self.mask, self.c, out=self.tmp))
+        kept = sum64_tensor(self.mask if self.c is None else torch.mul(self.mask, self.c, out=self.tmp))
+        if self.reduce is None:
+            kept = kept.item()
+        else:  # one reduction: the kept mass and m.m (the slope's first form) together
+            dot = torch.dot(self.mask, self.mask).to(torch.float64) if self.c is None else kept.new_zeros(())
+            kept, self.dot = self.reduce(torch.stack([kept, dot])).tolist()
         self.error = abs(kept - self.budget)
         if self.low:
             self.mass = kept
@@ -84,10 +99,12 @@ class _Budget:
         that difference is small against ``kept`` (sharp masks: float32 cancellation), it is summed exactly."""
         slope = math.nan
         if self.low and self.c is None:
-            slope = self.mass - torch.dot(self.mask, self.mask).item()
+            dot = torch.dot(self.mask, self.mask).item() if self.reduce is None else self.dot
+            slope = self.mass - dot
         if not slope > _CANCELLATION * self.mass:
             slope = torch.addcmul(self.mask, self.mask, self.mask, value=-1, out=self.tmp)
-            slope = sum64(slope if self.c is None else slope.mul_(self.c))
+            slope = sum64_tensor(slope if self.c is None else slope.mul_(self.c))
+            slope = slope.item() if self.reduce is None else self.reduce(slope.reshape(1)).item()
         return self.mass / (self.beta * slope) if self.mass > 0 and slope > 0 else math.nan
 
 
@@ -110,10 +127,20 @@ def solve(
     rtol: float,
     guess: float | None = None,
     extremes: tuple[float, float] | None = None,
+    reduce: Reduce | None = None,
 ) -> tuple[float, Tensor]:
     """Threshold t with sum(c * sigmoid(beta * (u - t))) = density * sum(c) to rtol, and its mask.
-    ``extremes``: ``u``'s (min, max), when the caller has them (saves a pass)."""
-    problem = _Budget(u, c, density, beta)
+    ``extremes``: ``u``'s (min, max), when the caller has them (saves a pass). ``reduce``: ``u`` is one part of the
+    entries and ``reduce`` sums over every part (see the module docstring); ``guess`` and ``extremes`` (over every
+    part) are then required.
+
+    Raises:
+        ValueError: for ``reduce`` without ``guess`` or ``extremes``.
+    """
+    if reduce is not None and (guess is None or extremes is None):
+        raise ValueError(f"solve(reduce=...) needs the guess and the extremes over every part, got guess={guess}, "
+                         f"extremes={extremes}")
+    problem = _Budget(u, c, density, beta, reduce)
     search = _Search(*_bracket(u, density, beta, extremes), resolution=torch.finfo(u.dtype).eps / beta)
     start = _initial_guess(u, c, density, beta) if guess is None else float(guess)
     t = min(max(start, search.lo), search.hi)

@@ -32,7 +32,7 @@ def _checkpointed(root, epochs=1):
     return ModelCheckpoint(dirpath=root, every_n_epochs=1, save_top_k=-1, filename="{epoch}")
 
 
-@pytest.mark.parametrize("shape", [(3, 8), (5, 13), (4, 3, 3, 3), (1, 1)])
+@pytest.mark.parametrize("shape", [(3, 8), (5, 13), (4, 3, 3, 3), (1, 1), (0, 5)])
 def test_packed_masks_round_trip(shape):
     mask = torch.rand(shape, generator=torch.Generator().manual_seed(0)) > 0.5
     packed = pack_bits(mask)

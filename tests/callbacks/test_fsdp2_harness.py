@@ -1,7 +1,8 @@
 """The FSDP2 case of the harness: MagnitudePruning and NMSparsity on 2 CPU ranks (gloo) under Lightning's
 ``ModelParallelStrategy`` with ``fully_shard`` per layer. Every mask update equals the single-process selection on the
 gathered scores (checked inside the run), the whole weights keep exactly the budget, ranks agree, and a resume from the
-distributed checkpoint equals the uninterrupted run bit for bit. Algorithms not supported yet refuse the strategy."""
+distributed checkpoint equals the uninterrupted run bit for bit. A callback that says it does not support FSDP2
+refuses the strategy."""
 
 import pytest
 import torch
@@ -11,8 +12,6 @@ from lightning_sparse.callbacks import (
     MagnitudePruning,
     NMSparsity,
     SparsityScheduler,
-    Spartan,
-    Supermask,
 )
 from lightning_sparse.core.scores import magnitude
 from lightning_sparse.core.selection import select_masks
@@ -95,18 +94,23 @@ def test_a_mask_update_passes_a_fixed_number_of_elements_to_collectives(tmp_path
     assert fsdp2.results(tmp_path)[0]["traffic"] == 3 * (1 + 4 * 256 + 2)
 
 
-@pytest.mark.parametrize("make", [lambda: Supermask(density=0.5), lambda: Spartan(density=0.5)],
-                         ids=["Supermask", "Spartan"])
-def test_algorithms_without_fsdp2_support_refuse_the_strategy(make, tmp_path):
-    callback = make()
+class _NoFSDP2(MagnitudePruning):
+    """A user's subclass that says it does not run under FSDP2 (every bundled algorithm does)."""
+
+    supports_fsdp2 = False
+
+
+def test_algorithms_without_fsdp2_support_refuse_the_strategy(tmp_path):
+    callback = _NoFSDP2(density=0.5)
     trainer_strategy = fsdp2.ForkedModelParallel(data_parallel_size=2, tensor_parallel_size=1)
 
     class Stub:
         strategy = trainer_strategy
         callbacks = [callback]
 
-    with pytest.raises(ValueError, match=r"does not support ModelParallelStrategy \(FSDP2\) yet; what works: .*"
-                                         r"MagnitudePruning, NMSparsity"):
+    with pytest.raises(ValueError, match=r"_NoFSDP2 does not support ModelParallelStrategy \(FSDP2\) yet; what works: "
+                                         r".*DynamicSparseTraining, MEST, MagnitudePruning, NMSparsity, RigL, SET, "
+                                         r"SNFS, SparseGPT, Spartan, Supermask, TopKAST"):
         callback.setup(Stub(), fsdp2.sharded_model(), "fit")
 
 
