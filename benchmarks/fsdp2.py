@@ -32,7 +32,18 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
-from lightning_sparse.callbacks import MagnitudePruning, NMSparsity, SparsityScheduler, Spartan, Supermask, TopKAST
+from lightning_sparse.callbacks import (
+    SET,
+    SNFS,
+    MagnitudePruning,
+    NMSparsity,
+    RigL,
+    SparseGPT,
+    SparsityScheduler,
+    Spartan,
+    Supermask,
+    TopKAST,
+)
 from lightning_sparse.callbacks.base import SparsityCallback
 from lightning_sparse.distributed import TRAFFIC, local
 
@@ -58,8 +69,11 @@ class MLP(pl.LightningModule):
                 fully_shard(module)
         fully_shard(self)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # through the root: FSDP2 needs its forward first
+        return self.net(x)
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self.net(batch[0]).pow(2).mean()
+        return self(batch[0]).pow(2).mean()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=1e-4)
@@ -84,6 +98,8 @@ def _callback_tensors(callback: SparsityCallback | None) -> list:
     tensors += [*getattr(callback, "backward_masks", {}).values(), *getattr(callback, "_backward_multipliers",
                                                                               {}).values()]
     tensors += [*(getattr(callback, "_frozen", None) or {}).values()]
+    tensors += [*(getattr(callback, "momentum", None) or {}).values(), *(getattr(callback, "_grads", None) or {})
+                .values()]
     sharded = getattr(callback, "_sharded", None)
     return tensors + ([] if sharded is None else list(sharded.dense.values()))
 
@@ -156,6 +172,22 @@ class CountedSupermask(_Counting, Supermask):
     pass
 
 
+class CountedRigL(_Counting, RigL):
+    pass
+
+
+class CountedSET(_Counting, SET):
+    pass
+
+
+class CountedSNFS(_Counting, SNFS):
+    pass
+
+
+class CountedSparseGPT(_Counting, SparseGPT):
+    pass
+
+
 def run(name: str, callbacks: list, args: argparse.Namespace, root: Path) -> None:
     torch.manual_seed(0)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(args.steps * 16, args.width)),
@@ -180,6 +212,10 @@ def main() -> None:
         "TopKAST 10% (backward 20%)": [CountedTopKAST(density=0.1, backward_density=0.2, update_every=10)],
         "Spartan 10%": [CountedSpartan(density=0.1, sharpness=200.0)],
         "Supermask 10% of 16x16": [CountedSupermask(density=0.1, tile_size=16)],
+        "RigL 10%": [CountedRigL(density=0.1, update_every=10)],
+        "SET 10%": [CountedSET(density=0.1, update_every=10)],
+        "SNFS 10%": [CountedSNFS(density=0.1, update_every=10)],
+        "SparseGPT 2:4 at step 20": [CountedSparseGPT(nm="2:4", at=20, calibration_batches=4)],
     }
     for name, callbacks in runs.items():
         run(name, callbacks, args, root)
