@@ -124,15 +124,29 @@ class TopKAST(MaskedForwardCallback):
                                       for name, mask in masks.items()}
 
     def extra_state_dict(self) -> dict[str, Any]:
-        """The backward masks, whole (gathered from every shard under FSDP2: every rank calls it), compressed."""
+        """The backward masks, whole (gathered from every shard under FSDP2 when the checkpoint is one file: every rank
+        calls it), compressed; a distributed checkpoint stores them rank by rank instead (sharded_state_tensors)."""
+        if self.saves_sharded:
+            return {}
         shards, compress = self.masks.shards, self.masks.pattern_of
         return {"backward_masks": {name: compress(name).compress(whole_of(m, shards[name]).cpu())
                                    for name, m in self.backward_masks.items()}}
 
+    def sharded_state_tensors(self) -> dict[str, dict[str, Tensor]]:
+        return {"backward_masks": self.backward_masks} if self.backward_masks else {}
+
+    def load_sharded_state_tensors(self, kind: str, tensors: dict[str, Tensor]) -> None:
+        self._set_backward_masks({name: t.to(self.masks.masks[name].device) for name, t in tensors.items()})
+
     def load_extra_state_dict(self, state: dict[str, Any]) -> None:
         params, shards = self.masks.params, self.masks.shards
-        self._set_backward_masks({
-            name: rows_of(self.masks.pattern_of(name).expand(m, tuple(params[name].shape)), shards[name])
-            .to(self.masks.masks[name].device)
-            for name, m in state.get("backward_masks", {}).items()
-        })
+
+        def whole(name: str, stored: Tensor) -> Tensor:  # compressed, or whole (a consolidated FSDP2 checkpoint)
+            shape = tuple(params[name].shape)
+            return stored.bool() if tuple(stored.shape) == shape else self.masks.pattern_of(name).expand(stored, shape)
+
+        if "backward_masks" in state:  # else: none yet, or read rank by rank (load_sharded_state_tensors)
+            self._set_backward_masks({
+                name: rows_of(whole(name, m), shards[name]).to(self.masks.masks[name].device)
+                for name, m in state["backward_masks"].items()
+            })

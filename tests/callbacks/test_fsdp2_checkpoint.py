@@ -149,3 +149,26 @@ def test_per_weight_state_is_written_rank_by_rank_too(tmp_path):
     (state,) = [s for key, s in whole["callbacks"].items() if key.startswith("SNFS")]
     assert {name: tuple(m.shape) for name, m in state["momentum"].items()} == SHAPES
     assert not any(MASKS_KEY in key for key in whole["state_dict"])
+
+
+@pytest.mark.ddp
+def test_topkast_backward_masks_are_written_rank_by_rank_and_resume_on_one_device(tmp_path):
+    from lightning_sparse.callbacks import TopKAST
+
+    def make():
+        return TopKAST(density=0.3, backward_density=0.5, update_every=2)
+
+    full = tmp_path / "full"
+    fsdp2.fit([make(), _checkpointed(full)], full, epochs=1)
+    folder = full / "epoch=0.ckpt"
+    meta = torch.load(folder / "meta.pt", weights_only=False)
+    (state,) = [s for key, s in meta["callbacks"].items() if key.startswith("TopKAST")]
+    assert not any(isinstance(v, torch.Tensor) for v in state["backward_masks"].values()), "meta.pt holds them"
+    whole = torch.load(consolidate(folder), weights_only=False)
+    (state,) = [s for key, s in whole["callbacks"].items() if key.startswith("TopKAST")]
+    backward = state["backward_masks"]
+    assert {name: tuple(m.shape) for name, m in backward.items()} == SHAPES
+    final = fsdp2.results(full)[0]["masks"]
+    for name, mask in final.items():
+        assert not (mask & ~backward[name].bool()).any(), f"{name}: the forward set must lie inside the backward set"
+        assert int(backward[name].sum()) > int(mask.sum())
