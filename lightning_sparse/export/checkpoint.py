@@ -30,7 +30,14 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from rich.console import Console
 
 from lightning_sparse.export.manifest import Manifest
-from lightning_sparse.export.outcome import NoSparseLayerError, default_pattern, no_sparse_reason, stored_line
+from lightning_sparse.export.outcome import (
+    NoSparseLayerError,
+    default_pattern,
+    no_sparse_reason,
+    same_format,
+    stored_line,
+    training_layer_patterns,
+)
 from lightning_sparse.export.plan import plan_layers
 from lightning_sparse.export.sparse_io import export_sparse
 from lightning_sparse.recipes import resolve_config
@@ -118,12 +125,15 @@ def export_checkpoint(
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path {str(ckpt_path)!r} is not a file")
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    pattern = pattern if pattern is not None else default_pattern(checkpoint)[0]
+    layer_patterns = None
+    if pattern is None:  # the training's: the most weights' pattern, and each layer's own blocks where it had them
+        pattern = default_pattern(checkpoint)[0]
+        layer_patterns = same_format(pattern, training_layer_patterns(checkpoint))
     if Path(model).suffix in (".yaml", ".yml") or Path(model).is_file():
         module, datamodule = _from_config(model, checkpoint["state_dict"])
     else:
         module, datamodule = _from_class_path(str(model), ckpt_path), None
-    plans = plan_layers(module, pattern, include)
+    plans = plan_layers(module, pattern, include, layer_patterns)
     if not any(plan.convert for plan in plans):
         message = no_sparse_reason(pattern, {plan.name: plan.reason for plan in plans if plan.reason})
         if require_sparse:
@@ -132,7 +142,8 @@ def export_checkpoint(
     example = _example_batch(module, datamodule) if verify else None
     if verify and example is None:
         warnings.warn("export_checkpoint: no batch to verify the outputs on; exporting unverified", stacklevel=2)
-    return export_sparse(module, out_dir, pattern=pattern, include=include, example_input=example, hf=hf)
+    return export_sparse(module, out_dir, pattern=pattern, layer_patterns=layer_patterns, include=include,
+                         example_input=example, hf=hf)
 
 
 def main(argv: Sequence[str] | None = None) -> Manifest:
@@ -157,9 +168,13 @@ def main(argv: Sequence[str] | None = None) -> Manifest:
         source = resolve_config(args.config) if args.config else args.model
     except ValueError as err:
         parser.error(str(err))
-    if args.pattern is None and Path(args.ckpt_path).is_file():
-        args.pattern, why = default_pattern(torch.load(args.ckpt_path, map_location="cpu", weights_only=True))
-        Console(stderr=True).print(f"pattern {args.pattern}: {why}", markup=False, highlight=False)
+    if args.pattern is None and Path(args.ckpt_path).is_file():  # export_checkpoint picks it; say which and why
+        checkpoint = torch.load(args.ckpt_path, map_location="cpu", weights_only=True)
+        pattern, why = default_pattern(checkpoint)
+        own = {name: p for name, p in same_format(pattern, training_layer_patterns(checkpoint)).items() if p != pattern}
+        if own:
+            why += "; in their own blocks: " + ", ".join(f"{name} ({p})" for name, p in own.items())
+        Console(stderr=True).print(f"pattern {pattern}: {why}", markup=False, highlight=False)
     try:
         manifest = export_checkpoint(args.ckpt_path, source, args.out, args.pattern, args.include, args.verify,
                                      args.hf, args.require_sparse)

@@ -102,7 +102,8 @@ class Manifest:
         """A plain-text table: one line per layer with its shape, density and what the export did with it."""
         rows = [("layer", "type", "shape", "density", "stored")]
         for name, layer in self.layers.items():
-            stored = f"{layer['stored_density']:.4f} ({self.pattern})" if layer["converted"] else layer["reason"]
+            pattern = layer.get("pattern", self.pattern)
+            stored = f"{layer['stored_density']:.4f} ({pattern})" if layer["converted"] else layer["reason"]
             shape = "x".join(map(str, layer["shape"]))
             rows.append((name or "<root>", layer["type"], shape, f"{layer['density']:.4f}", stored))
         widths = [max(len(row[i]) for row in rows) for i in range(4)]

@@ -25,6 +25,7 @@ __all__ = [
     "export_pattern",
     "no_sparse_reason",
     "stored_line",
+    "training_layer_patterns",
     "training_patterns",
 ]
 
@@ -46,6 +47,30 @@ def export_pattern(training: str) -> str | None:
         return training
     nm = _NM.fullmatch(training)
     return "2:4" if nm and 1 <= int(nm.group(1)) <= 2 else None
+
+
+def training_layer_patterns(checkpoint: Mapping[str, Any]) -> dict[str, str]:
+    """Parameter FQN -> the export pattern that stores the mask its sparsity callback trained (see
+    :func:`export_pattern`; layers under a pattern no export format follows are left out)."""
+    found = {}
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        match = _STATE_PATTERN.search(key) if isinstance(key, str) else None
+        masks = state.get("masks") if isinstance(state, Mapping) else None
+        chosen = export_pattern(match.group(1)) if match else None
+        if chosen and masks:
+            names = masks["shapes"] if isinstance(masks, Mapping) and "shapes" in masks else masks
+            found.update(dict.fromkeys(names, chosen))
+    return found
+
+
+def same_format(pattern: str, layer_patterns: Mapping[str, str]) -> dict[str, str]:
+    """The entries of ``layer_patterns`` an export in ``pattern`` can store (blocks beside blocks, 2:4 beside 2:4).
+
+    >>> same_format("32x32", {"a.weight": "64x9", "b.weight": "2:4"})
+    {'a.weight': '64x9'}
+    """
+    blocks = bool(_BLOCKS.fullmatch(pattern))
+    return {name: own for name, own in layer_patterns.items() if bool(_BLOCKS.fullmatch(own)) == blocks}
 
 
 def training_patterns(checkpoint: Mapping[str, Any]) -> dict[str, int]:

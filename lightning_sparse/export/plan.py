@@ -20,7 +20,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
@@ -55,6 +55,7 @@ class LayerPlan:
     error: str | None = None
     stored_density: float | None = None
     kind: LayerKind | None = None
+    pattern: str | None = None  # the export pattern of this layer (the export's, or its own)
 
     def matrix(self) -> torch.Tensor:
         """The detached ``(out, in)`` view of the weight (a Conv2d's ``(out, in * kh * kw)``)."""
@@ -74,6 +75,7 @@ class LayerPlan:
             "converted": self.convert,
             "stored_density": self.stored_density if self.convert else None,
             "reason": self.reason,
+            **({"pattern": self.pattern} if self.convert else {}),
         }
 
 
@@ -146,7 +148,28 @@ def _plan_linear(plan: LayerPlan, fmt: str, blocksize: tuple[int, int] | None, e
     plan.convert = True
 
 
-def plan_layers(model: nn.Module, pattern: str, include: Sequence[str] | str | None = None) -> list[LayerPlan]:
+def check_layer_patterns(pattern: str, layer_patterns: Mapping[str, str] | None) -> dict[str, str]:
+    """Checks per-layer patterns (parameter FQN -> pattern): each parses, in the export's format (blocks beside blocks).
+
+    Raises:
+        ValueError: naming the layer, its pattern and the export's.
+        TypeError: if ``layer_patterns`` is not a mapping.
+    """
+    if layer_patterns is None:
+        return {}
+    if not isinstance(layer_patterns, Mapping):
+        raise TypeError(f"layer_patterns must be a mapping of parameter name -> pattern, got "
+                        f"{type(layer_patterns).__name__}")
+    fmt = parse_export_pattern(pattern)[0]
+    for name, own in layer_patterns.items():
+        if parse_export_pattern(own)[0] != fmt or fmt == "dense":
+            raise ValueError(f"layer_patterns[{name!r}] is {own!r}, which the {pattern!r} export cannot store: a "
+                             "layer's own pattern must be of the export's format (blocks in a blocks export)")
+    return dict(layer_patterns)
+
+
+def plan_layers(model: nn.Module, pattern: str, include: Sequence[str] | str | None = None,
+                layer_patterns: Mapping[str, str] | None = None) -> list[LayerPlan]:
     """Plans the conversion of every layer with a 2-D (or larger) ``weight`` parameter, in module order.
 
     Args:
@@ -155,6 +178,8 @@ def plan_layers(model: nn.Module, pattern: str, include: Sequence[str] | str | N
             view (2:4 along the input dimension: dim 0 of a Hugging Face ``Conv1D`` weight).
         include: FQN globs of the layers to convert, matched against the module name or ``<name>.weight``;
             ``None``: every layer that fits and is worth converting (see the module docstring).
+        layer_patterns: parameter FQN -> the pattern that layer is stored in instead of ``pattern`` (the same
+            format: blocks of another size), e.g. the blocks it was trained in.
 
     Returns:
         One :class:`LayerPlan` per layer; plans with an ``error`` must stop an export.
@@ -164,7 +189,9 @@ def plan_layers(model: nn.Module, pattern: str, include: Sequence[str] | str | N
             ``Conv1D`` or ``nn.Conv2d``.
         TypeError: if ``include`` is not a glob or a list of globs.
     """
-    fmt, blocksize = parse_export_pattern(pattern)
+    default = pattern
+    parse_export_pattern(pattern)
+    own = check_layer_patterns(pattern, layer_patterns)
     include = check_include(include)
     mha = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
     out_projs = {f"{n}.out_proj" if n else "out_proj" for n in mha}
@@ -172,6 +199,8 @@ def plan_layers(model: nn.Module, pattern: str, include: Sequence[str] | str | N
     plans, used = [], set()
     for name, module in _weight_layers(model):
         plan = LayerPlan(name, module, kind=layer_kind(module))
+        plan.pattern = own.get(f"{name}.weight" if name else "weight", default)
+        fmt, blocksize = parse_export_pattern(plan.pattern)
         plans.append(plan)
         globs = [g for g in include or () if fnmatchcase(name, g) or fnmatchcase(f"{name}.weight", g)]
         linear = linear_kind(module) is not None

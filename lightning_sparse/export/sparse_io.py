@@ -8,7 +8,7 @@ The directory layout is described in :mod:`lightning_sparse.export.manifest`; a 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -62,6 +62,7 @@ def export_sparse(
     path: str | Path,
     *,
     pattern: str = "32x32",
+    layer_patterns: Mapping[str, str] | None = None,
     include: Sequence[str] | str | None = None,
     example_input: ModelInput | None = None,
     rtol: float | None = None,
@@ -85,6 +86,8 @@ def export_sparse(
         model: the dense-with-zeros model.
         path: output directory (created; files of a previous export are overwritten).
         pattern: ``"RxC"`` BSR blocks (``"32x32"``), ``"2:4"``, or ``"dense"`` (only ``model.safetensors``).
+        layer_patterns: parameter FQN -> blocks that layer is stored in instead (``{"features.3.weight": "64x9"}``:
+            the blocks it was trained in); the manifest records each converted layer's pattern.
         include: FQN globs of the layers to convert (module name or ``<name>.weight``); each matched layer must fit
             the pattern. ``None``: see :func:`~lightning_sparse.export.plan.plan_layers`.
         example_input: a real batch to verify the outputs on: a Tensor, a tuple of positional inputs, or a dict of
@@ -121,17 +124,18 @@ def export_sparse(
     if example_input is not None:
         check_example_input(example_input)
     target = _hf_target(model, hf)
-    plans = plan_layers(model, pattern, include)
+    plans = plan_layers(model, pattern, include, layer_patterns)
     failed = next((p for p in plans if p.error), None)
     if failed is not None:
         shape = tuple(failed.module.weight.shape)
-        raise ValueError(f"cannot export layer {failed.name!r} (weight {shape}) as pattern {pattern!r}: {failed.error}")
+        raise ValueError(f"cannot export layer {failed.name!r} (weight {shape}) as pattern {failed.pattern!r}: "
+                         f"{failed.error}")
     fmt, blocksize = parse_export_pattern(pattern)
     dirpath = Path(path)
     dirpath.mkdir(parents=True, exist_ok=True)
     (dirpath / MANIFEST_FILE).unlink(missing_ok=True)  # a failed export must not look finished
     save_state(model.state_dict(), dirpath / MODEL_FILE)
-    tensors = {k: v for p in plans if p.convert for k, v in _components(p, fmt, blocksize).items()}
+    tensors = {k: v for p in plans if p.convert for k, v in _components(p, *parse_export_pattern(p.pattern)).items()}
     save_state(tensors, dirpath / SPARSE_FILE, metadata={"format": fmt})
     manifest = Manifest(
         format=fmt,
@@ -180,16 +184,23 @@ def check_layers(manifest: Manifest, model: nn.Module) -> None:
             raise ValueError(f"layer {name!r} is a Conv2d, which {manifest.format!r} exports never convert")
 
 
-def _empty_layer(manifest: Manifest, layer: nn.Module) -> SparseLinear | SparseConv2d:
+def _blocksize(manifest: Manifest, name: str) -> tuple[int, int] | None:
+    """The blocks layer ``name`` is stored in: its own pattern's, else the export's."""
+    own = manifest.layers[name].get("pattern")
+    return parse_export_pattern(own)[1] if own else manifest.blocksize
+
+
+def _empty_layer(manifest: Manifest, name: str, layer: nn.Module) -> SparseLinear | SparseConv2d:
+    blocksize = _blocksize(manifest, name)
     if isinstance(layer, nn.Conv2d):
-        return SparseConv2d.empty_like(layer, manifest.blocksize)
+        return SparseConv2d.empty_like(layer, blocksize)
     weight = layer.weight
     out_features, in_features = linear_kind(layer).matrix_shape(weight.shape)
     return SparseLinear(
         in_features,
         out_features,
         manifest.format,
-        manifest.blocksize or 1,
+        blocksize or 1,
         layer.bias is not None,
         device=weight.device,
         dtype=weight.dtype,
@@ -208,7 +219,7 @@ def _read_layer(reader, manifest: Manifest, name: str, layer: nn.Module) -> Spar
     if manifest.format == "bsr":
         shape = layer_kind(layer).matrix_shape(weight.shape)  # (out, in): a Conv1D's transpose, a Conv2d's view
         check_bsr(BSRWeight(state["crow_indices"], state["col_indices"], state["values"], shape))
-    sparse = _empty_layer(manifest, layer)
+    sparse = _empty_layer(manifest, name, layer)
     if layer.bias is not None:
         state["bias"] = layer.bias.detach().clone()
     sparse.load_state_dict(state)
