@@ -12,7 +12,7 @@ from torch import Tensor
 
 from lightning_sparse.callbacks.base import SparsityCallback
 from lightning_sparse.export.manifest import Manifest
-from lightning_sparse.export.outcome import no_sparse_reason, stored_line
+from lightning_sparse.export.outcome import FALLBACK_PATTERN, export_pattern, no_sparse_reason, same_format, stored_line
 from lightning_sparse.export.plan import check_include, parse_export_pattern
 from lightning_sparse.export.sparse_io import export_sparse
 
@@ -62,6 +62,24 @@ def check_hard_masks(trainer: pl.Trainer) -> None:
             )
 
 
+def trained_patterns(trainer: pl.Trainer) -> tuple[str, dict[str, str]]:
+    """The export pattern of the most weights the trainer's sparsity callbacks masked, and each target's own (see
+    :func:`~lightning_sparse.export.outcome.export_pattern`), of that pattern's format."""
+    from lightning_sparse.callbacks.base import SparsityCallback
+
+    own: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    for callback in trainer.callbacks:
+        masks = getattr(callback, "masks", None) if isinstance(callback, SparsityCallback) else None
+        chosen = export_pattern(str(callback.pattern)) if masks is not None else None
+        if chosen is not None:
+            for name, param in masks.params.items():
+                own[name] = chosen
+                counts[chosen] = counts.get(chosen, 0) + param.numel()
+    pattern = max(counts, key=counts.get) if counts else FALLBACK_PATTERN
+    return pattern, same_format(pattern, own)
+
+
 class SparseExport(Callback):
     """At the end of fit (rank zero), export the model with :func:`~lightning_sparse.export.export_sparse`.
 
@@ -74,7 +92,9 @@ class SparseExport(Callback):
 
     Args:
         dirpath: export directory; a relative path is taken under the Trainer's ``default_root_dir``.
-        pattern: ``"RxC"`` BSR blocks (``"32x32"``), ``"2:4"`` or ``"dense"``.
+        pattern: ``"RxC"`` BSR blocks (``"32x32"``), ``"2:4"`` or ``"dense"`` for every layer; ``None``: the
+            patterns the sparsity callbacks trained (each layer in its own blocks; 2:4 for N:4 masks with N <= 2;
+            the pattern of the most weights for the others, 32x32 when no callback trained blocks or 2:4).
         include: FQN globs of the layers to convert; ``None``: every layer that fits and is worth converting (see
             :func:`~lightning_sparse.export.plan.plan_layers`).
         verify: check the exported models' outputs against the dense-with-zeros model on a real batch.
@@ -97,12 +117,13 @@ class SparseExport(Callback):
     def __init__(
         self,
         dirpath: str | Path = "sparse_export",
-        pattern: str = "32x32",
+        pattern: str | None = None,
         include: str | Sequence[str] | None = None,
         verify: bool = True,
         hf: bool | None = None,
     ) -> None:
-        parse_export_pattern(pattern)
+        if pattern is not None:
+            parse_export_pattern(pattern)
         if hf is not None and not isinstance(hf, bool):
             raise TypeError(f"hf must be True, False or None, got {hf!r}")
         self.dirpath = Path(dirpath)
@@ -135,13 +156,13 @@ class SparseExport(Callback):
                 "unverified"
             )
         path = self.resolve_dirpath(trainer)
-        self.manifest = export_sparse(
-            pl_module, path, pattern=self.pattern, include=self.include, example_input=example, hf=self.hf
-        )
+        pattern, layer_patterns = (self.pattern, None) if self.pattern is not None else trained_patterns(trainer)
+        self.manifest = export_sparse(pl_module, path, pattern=pattern, layer_patterns=layer_patterns,
+                                      include=self.include, example_input=example, hf=self.hf)
         error = (self.manifest.verification or {}).get("max_abs_error")
         checked = "unverified" if error is None else f"outputs verified, max abs error {error:.3g}"
         rank_zero_info(f"SparseExport: wrote {path} ({checked})\n{self.manifest.summary()}\n"
                        f"{stored_line(self.manifest, path)}")
         if not self.manifest.converted:
-            rank_zero_warn(f"SparseExport: {no_sparse_reason(self.pattern, self.manifest.skipped)}")
+            rank_zero_warn(f"SparseExport: {no_sparse_reason(pattern, self.manifest.skipped)}")
         return self.manifest

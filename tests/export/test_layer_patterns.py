@@ -56,3 +56,20 @@ def test_the_training_patterns_of_each_layer():
     found = training_layer_patterns(checkpoint)
     assert found == {"features.3.weight": "64x9", "classifier.1.weight": "32x32", "head.weight": "2:4"}
     assert same_format("32x32", found) == {"features.3.weight": "64x9", "classifier.1.weight": "32x32"}
+
+
+def test_sparse_export_stores_each_layer_in_its_training_blocks(tmp_path):
+    from lightning.pytorch import Trainer
+
+    from lightning_sparse.callbacks import MagnitudePruning, SparseExport
+    from lightning_sparse.data import DigitsDataModule
+    from lightning_sparse.models import MLP
+
+    export = SparseExport(dirpath=tmp_path / "export")
+    callbacks = [MagnitudePruning(density=0.25, pattern="8x8", at_step=0, include="net.1.weight"),
+                 MagnitudePruning(density=0.25, pattern="4x4", at_step=0, include="net.3.weight"), export]
+    trainer = Trainer(max_steps=2, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(MLP(input_shape=(1, 8, 8), hidden=(32, 16)), DigitsDataModule(batch_size=32))
+    patterns = {name: layer.get("pattern") for name, layer in export.manifest.layers.items() if layer["converted"]}
+    assert patterns == {"net.1": "8x8", "net.3": "4x4"}
