@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_sparse.distributed import Shard
+from lightning_sparse.distributed import Shard, is_dtensor
 
 MASKS_KEY = "lightning_sparse.masks"
 SHARDED = "sharded_masks"
@@ -132,7 +132,7 @@ def tensor_reference(tag: str, kind: str, tensors: Mapping[str, Tensor], params:
     """What a callback's state holds in place of per-weight tensors (``kind``: e.g. ``"momentum"``) that live beside
     the shards: where they are, their dtype and whole shapes."""
     return {TENSORS: tag, "kind": kind, "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."),
-            "shapes": {name: list(params[name].shape) for name in tensors}}
+            "shapes": {name: list(t.shape if is_dtensor(t) else params[name].shape) for name, t in tensors.items()}}
 
 
 def is_tensor_reference(state: Any) -> bool:
@@ -140,9 +140,13 @@ def is_tensor_reference(state: Any) -> bool:
 
 
 def tensor_entries(tag: str, kind: str, tensors: Mapping[str, Tensor], params: Mapping[str, Any]) -> dict[str, Any]:
-    """``state_dict`` entries for this rank's rows of per-weight tensors, as ``DTensor`` s sharded like the weights."""
+    """``state_dict`` entries for this rank's rows of per-weight tensors, as ``DTensor`` s sharded like the weights (a
+    ``DTensor`` of its own, such as Supermask's tile scores, as it is)."""
     entries = {}
     for name, tensor in tensors.items():
+        if is_dtensor(tensor):
+            entries[tensor_key(tag, kind, name)] = tensor.detach()
+            continue
         shape = (params[name].shape[0], _row_size(params[name].shape))
         rows = tensor.detach().reshape(tensor.shape[0], shape[1]).cpu()
         entries[tensor_key(tag, kind, name)] = _as_dtensor(rows, params[name], shape)
@@ -157,17 +161,22 @@ def _row_size(shape: tuple[int, ...]) -> int:
 
 
 def load_tensors(path: str | Path, state: Mapping[str, Any], params: Mapping[str, Any],
-                 shards: Mapping[str, Shard]) -> dict[str, Tensor]:
-    """This rank's rows of the tensors a :func:`tensor_reference` points to, read from the checkpoint ``path``."""
+                 shards: Mapping[str, Shard], templates: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
+    """This rank's rows of the tensors a :func:`tensor_reference` points to, read from the checkpoint ``path``
+    (``templates``: the live tensors; a ``DTensor`` among them is read in its own sharding)."""
     import torch.distributed.checkpoint as dcp
 
     tag, kind, dtype = state[TENSORS], state["kind"], getattr(torch, state["dtype"])
-    buffers = {}
+    buffers, own = {}, {name for name, t in (templates or {}).items() if is_dtensor(t)}
     for name in state["shapes"]:
+        if name in own:
+            buffers[name] = torch.empty_like(templates[name].detach())
+            continue
         shape = (params[name].shape[0], _row_size(params[name].shape))
         buffers[name] = _as_dtensor(torch.empty(shards[name].rows, shape[1], dtype=dtype), params[name], shape)
     dcp.load({"state_dict": {tensor_key(tag, kind, n): b for n, b in buffers.items()}}, checkpoint_id=str(path))
-    return {name: b.to_local().reshape(shards[name].rows, *params[name].shape[1:]) for name, b in buffers.items()}
+    return {name: b.to_local() if name in own else b.to_local().reshape(shards[name].rows, *params[name].shape[1:])
+            for name, b in buffers.items()}
 
 
 def inline_masks(checkpoint: dict[str, Any]) -> int:

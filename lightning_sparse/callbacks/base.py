@@ -490,8 +490,9 @@ class SparsityCallback(Callback):
         state = dict(state)
         self.masks.load_state_dict(state.pop("masks"), path)
         for kind in [key for key, value in state.items() if is_tensor_reference(value)]:
+            live = self.sharded_state_tensors().get(kind)
             self.load_sharded_state_tensors(kind, load_tensors(path, state.pop(kind), self.masks.params,
-                                                                self.masks.shards))
+                                                                self.masks.shards, live))
         self._restore_weights(state.pop(RESUME_WEIGHTS, None))
         if self.hard_mask:
             self.masks.apply_to_weights()

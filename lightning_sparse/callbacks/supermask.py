@@ -305,12 +305,25 @@ class Supermask(MaskedForwardCallback):
             self.remove_scores()
 
     def extra_state_dict(self) -> dict[str, Any]:
-        """The whole scores (gathered from every shard under FSDP2: every rank calls it)."""
+        """The whole scores (gathered from every shard under FSDP2 when the checkpoint is one file: every rank calls
+        it); a distributed checkpoint stores them rank by rank instead (:meth:`sharded_state_tensors`)."""
+        if self.saves_sharded:
+            return {}
         return {"scores": {name: whole_of(local(scores.detach()), self._score_shards.get(name)).cpu().clone()
                            for name, scores in self.scores.items()}}
 
+    def sharded_state_tensors(self) -> dict[str, dict[str, Tensor]]:
+        return {"scores": dict(self.scores)} if self.scores else {}
+
+    @torch.no_grad()
+    def load_sharded_state_tensors(self, kind: str, tensors: dict[str, Tensor]) -> None:
+        for name, rows in tensors.items():
+            local(self.scores[name].data).copy_(rows)
+
     @torch.no_grad()
     def load_extra_state_dict(self, state: dict[str, Any]) -> None:
+        if "scores" not in state and self.saves_sharded:
+            return  # read rank by rank (load_sharded_state_tensors)
         stored = state.get("scores", {})
         if set(stored) != set(self.scores):
             raise ValueError(f"the checkpoint holds Supermask scores for {sorted(stored)}, not {sorted(self.scores)}")

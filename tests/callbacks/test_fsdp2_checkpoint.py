@@ -172,3 +172,19 @@ def test_topkast_backward_masks_are_written_rank_by_rank_and_resume_on_one_devic
     for name, mask in final.items():
         assert not (mask & ~backward[name].bool()).any(), f"{name}: the forward set must lie inside the backward set"
         assert int(backward[name].sum()) > int(mask.sum())
+
+
+@pytest.mark.ddp
+def test_supermask_scores_are_written_rank_by_rank(tmp_path):
+    from lightning_sparse.callbacks import Supermask
+
+    full = tmp_path / "full"
+    fsdp2.fit([Supermask(density=0.5, tile_size=4, exclude="head.weight"), _checkpointed(full)], full, epochs=1)
+    folder = full / "epoch=0.ckpt"
+    meta = torch.load(folder / "meta.pt", weights_only=False)
+    (state,) = [s for key, s in meta["callbacks"].items() if key.startswith("Supermask")]
+    assert "scores" in state and not any(isinstance(v, torch.Tensor) for v in state["scores"].values())
+    whole = torch.load(consolidate(folder), weights_only=False)
+    (state,) = [s for key, s in whole["callbacks"].items() if key.startswith("Supermask")]
+    assert {name: tuple(s.shape) for name, s in state["scores"].items()} == {"body.0.weight": (10, 4),
+                                                                            "body.2.weight": (6, 10)}
