@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,11 @@ PACKED = "packed_masks"
 _BITS = torch.arange(8, dtype=torch.uint8)
 
 
+def _row_size(shape: tuple[int, ...]) -> int:
+    """Elements per row (dim 0) of a tensor of ``shape``."""
+    return math.prod(shape[1:])
+
+
 def pack_bits(mask: Tensor) -> Tensor:
     """``(rows, ...)`` bool -> ``(rows, ceil(columns / 8))`` uint8, column ``8 b + j`` in bit ``j`` of byte ``b``."""
     flat = mask.reshape(mask.shape[0], _row_size(tuple(mask.shape))).to(torch.uint8)  # 0 rows: a rank without any
@@ -53,19 +59,14 @@ def pack_bits(mask: Tensor) -> Tensor:
 
 def unpack_bits(packed: Tensor, shape: tuple[int, ...]) -> Tensor:
     """The bool mask of ``shape`` that :func:`pack_bits` packed."""
-    columns = 1
-    for dim in shape[1:]:
-        columns *= dim
+    columns = _row_size(shape)
     bits = (packed.unsqueeze(-1) >> _BITS.to(packed.device)) & 1
     return bits.reshape(packed.shape[0], packed.shape[1] * 8)[:, :columns].bool().reshape(shape)
 
 
 def packed_columns(shape: tuple[int, ...]) -> int:
     """Bytes per row of a packed mask of ``shape``."""
-    columns = 1
-    for dim in shape[1:]:
-        columns *= dim
-    return -(-columns // 8)
+    return -(-_row_size(shape) // 8)
 
 
 def tag_of(state_key: str) -> str:
@@ -97,6 +98,18 @@ def _as_dtensor(local_rows: Tensor, param: Any, shape: tuple[int, int]) -> Any:
                               run_check=False)
 
 
+def _row_buffer(param: Any, shard: Shard, columns: int, dtype: torch.dtype) -> Any:
+    """An empty ``DTensor`` of ``(rows, columns)`` sharded like ``param``'s rows: this rank's rows to read into."""
+    return _as_dtensor(torch.empty(shard.rows, columns, dtype=dtype), param, (param.shape[0], columns))
+
+
+def _read(path: str | Path, buffers: Mapping[str, Any]) -> None:
+    """Read ``buffers`` (keys of the checkpoint's ``state_dict``) in place from the distributed checkpoint ``path``."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load({"state_dict": dict(buffers)}, checkpoint_id=str(path))
+
+
 def sharded_entries(tag: str, masks: Mapping[str, Tensor], params: Mapping[str, Any]) -> dict[str, Any]:
     """``state_dict`` entries for this rank's rows of each mask: bit-packed ``DTensor`` s sharded like the weights."""
     entries = {}
@@ -109,14 +122,10 @@ def sharded_entries(tag: str, masks: Mapping[str, Tensor], params: Mapping[str, 
 def load_sharded(path: str | Path, state: Mapping[str, Any], params: Mapping[str, Any],
                  shards: Mapping[str, Shard]) -> dict[str, Tensor]:
     """This rank's rows of each mask that :func:`sharded_entries` wrote into the distributed checkpoint ``path``."""
-    import torch.distributed.checkpoint as dcp
-
-    tag, buffers = state[SHARDED], {}
-    for name, param in params.items():
-        shape = (param.shape[0], packed_columns(tuple(param.shape)))
-        rows = torch.empty(shards[name].rows, shape[1], dtype=torch.uint8)
-        buffers[name] = _as_dtensor(rows, param, shape)
-    dcp.load({"state_dict": {mask_key(tag, name): b for name, b in buffers.items()}}, checkpoint_id=str(path))
+    tag = state[SHARDED]
+    buffers = {name: _row_buffer(param, shards[name], packed_columns(tuple(param.shape)), torch.uint8)
+               for name, param in params.items()}
+    _read(path, {mask_key(tag, name): b for name, b in buffers.items()})
     return {name: unpack_bits(buffers[name].to_local(), (shards[name].rows, *params[name].shape[1:]))
             for name in params}
 
@@ -153,28 +162,16 @@ def tensor_entries(tag: str, kind: str, tensors: Mapping[str, Tensor], params: M
     return entries
 
 
-def _row_size(shape: tuple[int, ...]) -> int:
-    size = 1
-    for dim in shape[1:]:
-        size *= dim
-    return size
-
-
 def load_tensors(path: str | Path, state: Mapping[str, Any], params: Mapping[str, Any],
                  shards: Mapping[str, Shard], templates: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
     """This rank's rows of the tensors a :func:`tensor_reference` points to, read from the checkpoint ``path``
     (``templates``: the live tensors; a ``DTensor`` among them is read in its own sharding)."""
-    import torch.distributed.checkpoint as dcp
-
     tag, kind, dtype = state[TENSORS], state["kind"], getattr(torch, state["dtype"])
-    buffers, own = {}, {name for name, t in (templates or {}).items() if is_dtensor(t)}
-    for name in state["shapes"]:
-        if name in own:
-            buffers[name] = torch.empty_like(templates[name].detach())
-            continue
-        shape = (params[name].shape[0], _row_size(params[name].shape))
-        buffers[name] = _as_dtensor(torch.empty(shards[name].rows, shape[1], dtype=dtype), params[name], shape)
-    dcp.load({"state_dict": {tensor_key(tag, kind, n): b for n, b in buffers.items()}}, checkpoint_id=str(path))
+    own = {name for name, t in (templates or {}).items() if is_dtensor(t)}
+    buffers = {name: torch.empty_like(templates[name].detach()) if name in own else
+               _row_buffer(params[name], shards[name], _row_size(tuple(params[name].shape)), dtype)
+               for name in state["shapes"]}
+    _read(path, {tensor_key(tag, kind, n): b for n, b in buffers.items()})
     return {name: b.to_local() if name in own else b.to_local().reshape(shards[name].rows, *params[name].shape[1:])
             for name, b in buffers.items()}
 

@@ -124,17 +124,17 @@ class GroupPasses:
         sequence = list(sequence) if sequence is not None else _call_sequence(block, calls[0])
         counts = Counter(sequence)
         self.entered = {name: counts[name] for group in self.groups for name in group}
-        self.entry = {name: sequence.index(name) for name in counts}
+        self.entry: dict[str, int] = {}
+        for index, name in enumerate(sequence):
+            self.entry.setdefault(name, index)  # its first call
         self.modules = dict(block.named_modules())
         self.single = [name for name in sequence if counts[name] == 1]
         self.widths = [_hidden(call).numel() for call in calls]
         self.memo: list[dict[str, tuple[Any, list[Tensor], list[int]]]] = [{} for _ in calls]
+        self.fixed = [self._replayable(group) for group in range(len(self.groups))]  # per group, once
 
     def _replayable(self, group: int) -> list[str]:
-        """The outermost modules whose outputs cannot change once ``group`` is pruned (none before the first group and
-        after the last: nothing is kept then)."""
-        if not 0 <= group < len(self.groups):
-            return []
+        """The outermost modules whose outputs cannot change once ``group`` is pruned."""
         owners = self.groups[group]
         first = min((self.entry[name] for name in owners if name in self.entry), default=len(self.entry))
         fixed = {name for name in self.single
@@ -145,7 +145,8 @@ class GroupPasses:
         """Pass ``index`` for ``group`` (``group == len(groups)``: the full pass after the last group, whose output is
         returned; otherwise the pass stops once the group's modules were entered, when it may)."""
         memo = self.memo[index]
-        replay, keep = self._replayable(group - 1), self._replayable(group)
+        replay = self.fixed[group - 1] if group > 0 else []
+        keep = self.fixed[group] if group < len(self.groups) else []
         fresh: dict[str, tuple[Any, list[Tensor], list[int]]] = {}
         handles = [self._replay(name, memo) for name in replay if name in memo]
         handles += [self.modules[name].register_forward_hook(self._keeper(name, fresh, self.widths[index]))

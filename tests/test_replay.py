@@ -77,32 +77,29 @@ def test_replayed_outputs_equal_running_the_pruned_block(variant):
         assert torch.equal(out, expected)
 
 
-def test_each_pass_runs_only_what_the_group_just_pruned_changed():
+def _computed(batches: int = 1, shared: bool = True, **variant) -> Counter:
+    """How many times each layer of :class:`Block` really computed while its groups were pruned in turn."""
     counts = Counter()
     torch.manual_seed(1)
-    block, calls = Block(counts), _calls(batches=2)
+    block = Block(counts, **variant)
     with torch.no_grad():
-        _prune_in_turn(block, calls)
+        _prune_in_turn(block, _calls(batches), shared=shared)
+    return counts
+
+
+def test_each_pass_runs_only_what_the_group_just_pruned_changed():
     # q, k: once, for o's pass (zeros in their own pass, replayed after); o: once, in up's pass; up is wider than the
     # block's input, so it is not kept: it runs in down's pass and in the final one; down runs only at the end.
-    assert counts == {"q": 2, "k": 2, "o": 2, "up": 4, "down": 2}
+    assert _computed(batches=2) == {"q": 2, "k": 2, "o": 2, "up": 4, "down": 2}
 
 
 def test_outputs_changed_in_place_are_computed_again():
-    counts = Counter()
-    torch.manual_seed(1)
-    block, calls = Block(counts, in_place=True), _calls(batches=1)
-    with torch.no_grad():
-        _prune_in_turn(block, calls)
-    assert counts["o"] == 3  # o's output was modified after it returned: never replayed (in up's, down's, last pass)
+    # o's output was modified after it returned: never replayed (it runs in up's, down's and the last pass)
+    assert _computed(in_place=True)["o"] == 3
 
 
 def test_a_module_called_twice_per_pass_is_never_replayed():
-    counts = Counter()
-    torch.manual_seed(1)
-    block, calls = Block(counts, twice=True), _calls(batches=1)
-    with torch.no_grad():
-        _prune_in_turn(block, calls)
+    counts = _computed(twice=True)
     # o's own pass stops at its second call (whose input is the first call's output: no zeros); both calls run in
     # up's, down's and the last pass
     assert counts["o"] == 1 + 2 + 2 + 2
@@ -110,9 +107,4 @@ def test_a_module_called_twice_per_pass_is_never_replayed():
 
 
 def test_without_shared_inputs_the_group_modules_compute():
-    counts = Counter()
-    torch.manual_seed(1)
-    block, calls = Block(counts), _calls(batches=1)
-    with torch.no_grad():
-        _prune_in_turn(block, calls, shared=False)
-    assert counts["q"] == 2  # its own pass (no zeros) and o's pass
+    assert _computed(shared=False)["q"] == 2  # its own pass (no zeros) and o's pass

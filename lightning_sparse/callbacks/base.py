@@ -313,9 +313,12 @@ class SparsityCallback(Callback):
         """Hold the parameters the strategy trains: FSDP2's ``fully_shard`` (in ``configure_model``, after
         ``setup``) replaces every parameter by a sharded one, found again here by name."""
         live = dict(pl_module.named_parameters())
-        if all(live.get(name) is param for name, param in self.masks.params.items()):
-            self._sharded_save = self.masks.sharded and saves_sharded(trainer.strategy)
-            return
+        if not all(live.get(name) is param for name, param in self.masks.params.items()):
+            self._rebind(live)
+        self._sharded_save = self.masks.sharded and saves_sharded(trainer.strategy)
+
+    def _rebind(self, live: dict[str, Tensor]) -> None:
+        """Hold the parameters ``live`` has under the targets' names (checking their shards)."""
         missing = [name for name in self.masks.params if name not in live]
         if missing:
             raise ValueError(f"{type(self).__name__}: the targets {missing} are gone from the model after "
@@ -323,7 +326,6 @@ class SparsityCallback(Callback):
         self.masks = MaskState({name: live[name] for name in self.masks.params}, self.pattern, self._layouts)
         for name, shard in self.masks.shards.items():
             check_shard(self.masks.pattern_of(name), name, shard, self._layouts[name])
-        self._sharded_save = self.masks.sharded and saves_sharded(trainer.strategy)
 
     def select(self, scores: dict[str, Tensor], densities: dict[str, float], global_density: float | None,
                fixed: set[str]) -> dict[str, Tensor]:
@@ -442,12 +444,14 @@ class SparsityCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.masks is None:
             return {}
-        shapes = {name: tuple(p.shape) for name, p in self.masks.params.items()}
-        tag = tag_of(self.state_key)
-        sharded = {kind: tensor_reference(tag, kind, tensors, self.masks.params)
-                   for kind, tensors in self.sharded_state_tensors().items()} if self._sharded_save else {}
+        sharded, masks = {}, None
+        if self._sharded_save:  # references to what every rank writes into the distributed checkpoint
+            tag = tag_of(self.state_key)
+            masks = reference(tag, {name: tuple(p.shape) for name, p in self.masks.params.items()})
+            sharded = {kind: tensor_reference(tag, kind, tensors, self.masks.params)
+                       for kind, tensors in self.sharded_state_tensors().items()}
         return {
-            "masks": reference(tag, shapes) if self._sharded_save else self.masks.state_dict(),
+            "masks": masks if masks is not None else self.masks.state_dict(),
             "last_update_step": self.last_update_step,
             "generator": self.generator.get_state(),
             **self.extra_state_dict(),

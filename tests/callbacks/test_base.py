@@ -219,3 +219,11 @@ def test_monitor_reports_the_forward_mask_of_dense_weight_algorithms():
     rows = {row["name"]: row for row in monitor.last_report.rows}
     assert rows["head.weight"]["density"] == pytest.approx(0.25)
     assert monitor.last_report.global_density == pytest.approx(0.25, abs=1e-3)
+
+
+def test_a_callbacks_generator_never_replays_the_global_seeds_numbers():
+    # seed_everything(0) and the default seed=0 drew the same numbers: random masks kept the weights drawn largest
+    first = torch.rand(1000, generator=MagnitudePruning(density=0.5, seed=0).generator)
+    assert not torch.equal(first, torch.rand(1000, generator=torch.Generator().manual_seed(0)))
+    again = torch.rand(1000, generator=MagnitudePruning(density=0.5, seed=0).generator)
+    assert torch.equal(first, again)  # still a pure function of seed

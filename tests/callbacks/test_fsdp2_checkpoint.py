@@ -27,7 +27,13 @@ def _callbacks():
     return [SparsityScheduler(density=0.3, end=3), MagnitudePruning(update_every=2)]  # steps: runs differ in length
 
 
-def _checkpointed(root, epochs=1):
+def _state_of(checkpoint, name):
+    """The one callback state of class ``name`` in a loaded checkpoint (or ``meta.pt``)."""
+    (state,) = [s for key, s in checkpoint["callbacks"].items() if key.startswith(f"{name}{{")]
+    return state
+
+
+def _checkpointed(root):
     root.mkdir()
     return ModelCheckpoint(dirpath=root, every_n_epochs=1, save_top_k=-1, filename="{epoch}")
 
@@ -45,8 +51,7 @@ def test_every_rank_writes_its_packed_rows_and_rank_zero_only_a_reference(tmp_pa
     full = tmp_path / "full"
     fsdp2.fit([*_callbacks(), _checkpointed(full)], full, epochs=1)
     folder = full / "epoch=0.ckpt"
-    meta = torch.load(folder / "meta.pt", weights_only=False)
-    (state,) = [s for key, s in meta["callbacks"].items() if key.startswith("MagnitudePruning")]
+    state = _state_of(torch.load(folder / "meta.pt", weights_only=False), "MagnitudePruning")
     assert set(state["masks"]) == {SHARDED, "shapes"}, "meta.pt must not hold the masks"
     assert {name: tuple(shape) for name, shape in state["masks"]["shapes"].items()} == SHAPES
     stored = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
@@ -56,7 +61,7 @@ def test_every_rank_writes_its_packed_rows_and_rank_zero_only_a_reference(tmp_pa
     whole = consolidate(folder, tmp_path / "one.ckpt")
     packed = torch.load(whole, weights_only=False)
     assert not any(MASKS_KEY in key for key in packed["state_dict"]), "masks left among the model's weights"
-    (state,) = [s for key, s in packed["callbacks"].items() if key.startswith("MagnitudePruning")]
+    state = _state_of(packed, "MagnitudePruning")
     for name, shape in SHAPES.items():
         key = next(k for k in ours if k.endswith(f".{name}"))
         assert tuple(ours[key].size) == (shape[0], packed_columns(shape))
@@ -142,11 +147,10 @@ def test_per_weight_state_is_written_rank_by_rank_too(tmp_path):
     full = tmp_path / "full"
     fsdp2.fit([SNFS(density=0.5, update_every=2, stop_at=1.0), _checkpointed(full)], full, epochs=1)
     folder = full / "epoch=0.ckpt"
-    meta = torch.load(folder / "meta.pt", weights_only=False)
-    (state,) = [s for key, s in meta["callbacks"].items() if key.startswith("SNFS")]
+    state = _state_of(torch.load(folder / "meta.pt", weights_only=False), "SNFS")
     assert not any(isinstance(v, torch.Tensor) for v in state["momentum"].values()), "meta.pt holds the momentum"
     whole = torch.load(consolidate(folder), weights_only=False)
-    (state,) = [s for key, s in whole["callbacks"].items() if key.startswith("SNFS")]
+    state = _state_of(whole, "SNFS")
     assert {name: tuple(m.shape) for name, m in state["momentum"].items()} == SHAPES
     assert not any(MASKS_KEY in key for key in whole["state_dict"])
 
@@ -161,11 +165,10 @@ def test_topkast_backward_masks_are_written_rank_by_rank_and_resume_on_one_devic
     full = tmp_path / "full"
     fsdp2.fit([make(), _checkpointed(full)], full, epochs=1)
     folder = full / "epoch=0.ckpt"
-    meta = torch.load(folder / "meta.pt", weights_only=False)
-    (state,) = [s for key, s in meta["callbacks"].items() if key.startswith("TopKAST")]
+    state = _state_of(torch.load(folder / "meta.pt", weights_only=False), "TopKAST")
     assert not any(isinstance(v, torch.Tensor) for v in state["backward_masks"].values()), "meta.pt holds them"
     whole = torch.load(consolidate(folder), weights_only=False)
-    (state,) = [s for key, s in whole["callbacks"].items() if key.startswith("TopKAST")]
+    state = _state_of(whole, "TopKAST")
     backward = state["backward_masks"]
     assert {name: tuple(m.shape) for name, m in backward.items()} == SHAPES
     final = fsdp2.results(full)[0]["masks"]
@@ -181,10 +184,9 @@ def test_supermask_scores_are_written_rank_by_rank(tmp_path):
     full = tmp_path / "full"
     fsdp2.fit([Supermask(density=0.5, tile_size=4, exclude="head.weight"), _checkpointed(full)], full, epochs=1)
     folder = full / "epoch=0.ckpt"
-    meta = torch.load(folder / "meta.pt", weights_only=False)
-    (state,) = [s for key, s in meta["callbacks"].items() if key.startswith("Supermask")]
+    state = _state_of(torch.load(folder / "meta.pt", weights_only=False), "Supermask")
     assert "scores" in state and not any(isinstance(v, torch.Tensor) for v in state["scores"].values())
     whole = torch.load(consolidate(folder), weights_only=False)
-    (state,) = [s for key, s in whole["callbacks"].items() if key.startswith("Supermask")]
+    state = _state_of(whole, "Supermask")
     assert {name: tuple(s.shape) for name, s in state["scores"].items()} == {"body.0.weight": (10, 4),
                                                                             "body.2.weight": (6, 10)}

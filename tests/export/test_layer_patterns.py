@@ -36,14 +36,17 @@ def test_without_its_own_blocks_the_layer_would_be_dense(tmp_path):
     assert not manifest.layers["0"]["converted"]  # every 16x16 block of layer 0 holds a non-zero
 
 
-@pytest.mark.parametrize(("layer_patterns", "error", "match"), [
-    ({"0.weight": "2:4"}, ValueError, r"layer_patterns\['0.weight'\] is '2:4', which the '16x16' export cannot store"),
-    ({"0.weight": "3x"}, ValueError, r"pattern must be"),
-    (["0.weight"], TypeError, r"layer_patterns must be a mapping of parameter name -> pattern, got list"),
+@pytest.mark.parametrize(("pattern", "layer_patterns", "error", "match"), [
+    ("16x16", {"0.weight": "2:4"}, ValueError,
+     r"layer_patterns\['0.weight'\] is '2:4', which the '16x16' export cannot store"),
+    ("dense", {"0.weight": "8x8"}, ValueError,
+     r"layer_patterns\['0.weight'\] is '8x8', which the 'dense' export cannot store"),
+    ("16x16", {"0.weight": "3x"}, ValueError, r"pattern must be"),
+    ("16x16", ["0.weight"], TypeError, r"layer_patterns must be a mapping of parameter name -> pattern, got list"),
 ])
-def test_bad_layer_patterns(layer_patterns, error, match, tmp_path):
+def test_bad_layer_patterns(pattern, layer_patterns, error, match, tmp_path):
     with pytest.raises(error, match=match):
-        export_sparse(_blocky(), tmp_path, pattern="16x16", layer_patterns=layer_patterns)
+        export_sparse(_blocky(), tmp_path, pattern=pattern, layer_patterns=layer_patterns)
 
 
 def test_the_training_patterns_of_each_layer():
